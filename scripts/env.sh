@@ -11,7 +11,14 @@ if [ ! -x "$PYTHON" ]; then
   python3 -m venv "$VENV"
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
-  "$PYTHON" -m pip install --disable-pip-version-check -q -r "$REPO_ROOT/requirements.txt" >&2
+  if ! "$PYTHON" -m pip install --disable-pip-version-check -q -r "$REPO_ROOT/requirements.txt" \
+      > "$VENV/pip-install.log" 2>&1; then
+    # This machine's pip configuration names local package folders that may be absent: hide
+    # those warnings, show the rest.
+    grep -v "^WARNING: Location .* is ignored" "$VENV/pip-install.log" >&2
+    echo "error: installing requirements.txt into $VENV failed (log: $VENV/pip-install.log)" >&2
+    exit 2
+  fi
   echo "$wanted" > "$stamp"
 fi
 export PYTHON
