@@ -1,0 +1,508 @@
+"""Expert trajectories with a curriculum and GSAM (ALGORITHMS 6) -> `replay_buffer_<n>.pt` files.
+
+Every expert is a freshly initialised network trained `--train_epochs` epochs with GSAM on SGD;
+its parameters are recorded before training and after every epoch. With `--sort_method NAME` each
+epoch trains on a class-balanced slice of the difficulty ordering `<indices_path>/NAME.pt` (easy
+data first, hard data added, then the easiest removed); without it every epoch uses all data
+(plain MTT/FTD experts).
+
+Expert k (0-based) is seeded with `--seed` + k and belongs to file k // save_interval, so a file's
+content does not depend on which process trains it. A file is written (atomically) once all its
+experts are done; finished experts of an unfinished file wait in
+`.replay_buffer_<n>.partial_<k>.pt`. A rerun keeps the complete files and the partial experts and
+trains only what is missing.
+Under torchrun, rank r trains the files n with n % world_size == r.
+
+Example (the README's command, run from buffer/):
+    python buffer_CL.py --dataset=CIFAR10 --model=ConvNet --train_epochs=100 --num_experts=100 \
+      --zca --buffer_path=../buffer_storage/ --data_path=../dataset/ --sort_method="CIFAR10_GraNd" \
+      --rho_max=0.01 --rho_min=0.01 --alpha=0.3 --lr_teacher=0.01 --mom=0. --batch_train=256 \
+      --init_ratio=0.75 --add_end_epoch=20 --rm_epoch_first=40 --rm_epoch_second=60 \
+      --rm_easy_ratio_first=0.1 --rm_easy_ratio_second=0.2
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from utils.augment import DSA_STRATEGY, augment  # noqa: E402
+from utils.config import str2bool  # noqa: E402
+from utils.data import Data, get_dataset  # noqa: E402
+from utils.difficulty import (  # noqa: E402
+    curriculum_fraction,
+    curriculum_indices,
+    load_index_file,
+    validate_curriculum,
+)
+from utils.gsam import GSAM  # noqa: E402
+from utils.io import UserError, load_pt, run_main, save_pt, save_yaml  # noqa: E402
+from utils.networks import MODEL_NAMES, get_network  # noqa: E402
+from utils.runtime import repo_root, resolve_device, seed_everything  # noqa: E402
+from utils.tracking import MetricsLog  # noqa: E402
+from utils.trajectory import (  # noqa: E402
+    Expert,
+    expert_dir,
+    expert_file,
+    load_expert_file,
+    load_sidecar,
+    save_expert_file,
+    snapshot_params,
+)
+
+FORMAT = "pad-replay-buffer/1"  # sidecar format tag; bump when the meaning of a field changes
+CURRICULUM_KEYS = (
+    "init_ratio", "add_end_epoch", "rm_epoch_first", "rm_epoch_second",
+    "rm_easy_ratio_first", "rm_easy_ratio_second",
+)  # fmt: skip
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # ALGORITHMS 6 / REFERENCE_NOTES 4.2: the reference's flags and defaults
+    p.add_argument("--dataset", default="CIFAR10")
+    p.add_argument("--subset", default="imagenette", help="ImageNet subset")
+    p.add_argument("--model", default="ConvNet")
+    p.add_argument("--num_experts", type=int, default=100)
+    p.add_argument("--lr_teacher", type=float, default=0.01)
+    p.add_argument("--batch_train", type=int, default=256)
+    p.add_argument("--batch_real", type=int, default=256, help="unused (reference flag)")
+    p.add_argument("--dsa", type=str2bool, default=True, help="DSA (True) or DC augmentation")
+    p.add_argument("--dsa_strategy", default=DSA_STRATEGY)
+    p.add_argument("--data_path", default="data")
+    p.add_argument("--buffer_path", default="./buffers")
+    p.add_argument("--train_epochs", type=int, default=50)
+    p.add_argument("--zca", action="store_true")
+    p.add_argument("--decay", action="store_true", help="unused (reference flag)")
+    p.add_argument("--mom", type=float, default=0.0, help="SGD momentum")
+    p.add_argument("--l2", type=float, default=0.0, help="SGD weight decay")
+    p.add_argument("--save_interval", type=int, default=10, help="experts per file")
+    p.add_argument("--sort_method", default="", help="difficulty file NAME (or a .pt path)")
+    p.add_argument("--init_ratio", type=float, default=1.0)
+    p.add_argument("--add_end_epoch", type=int, default=100)
+    p.add_argument("--rm_epoch_first", type=int, default=40)
+    p.add_argument("--rm_epoch_second", type=int, default=60)
+    p.add_argument("--rm_easy_ratio_first", type=float, default=0.1)
+    p.add_argument("--rm_easy_ratio_second", type=float, default=0.1)
+    p.add_argument("--rho_max", type=float, default=2.0, help="GSAM radius (constant)")
+    p.add_argument("--rho_min", type=float, default=2.0, help="must equal --rho_max")
+    p.add_argument("--alpha", type=float, default=0.4, help="GSAM surrogate-gap coefficient")
+    p.add_argument("--adaptive", type=str2bool, default=True, help="adaptive GSAM perturbation")
+    p.add_argument("--add_hard", type=str2bool, default=True, help="unused (reference flag)")
+    p.add_argument("--rm_easy", type=str2bool, default=False, help="unused (reference flag)")
+    p.add_argument("--max_ratio", type=float, default=0.2, help="unused (reference flag)")
+    # ours
+    p.add_argument("--indices_path", default=str(repo_root() / "data_indices"),
+                   help="folder of the difficulty files named by --sort_method")  # fmt: skip
+    p.add_argument("--test_every", type=int, default=1,
+                   help="test accuracy every K epochs (0: never)")  # fmt: skip
+    p.add_argument("--amp", choices=("off", "bf16"), default="off",
+                   help="bf16: bfloat16 autocast (off: the paper's float32)")  # fmt: skip
+    p.add_argument("--max_per_class", type=int, default=None,
+                   help="use the first N train images of each class")  # fmt: skip
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N")
+    p.add_argument("--seed", type=int, default=0, help="expert k is seeded with seed + k")
+    p.add_argument("--res", type=int, default=32, help="ImageNet folder level (ALGORITHMS 6)")
+    return p.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse values the reference would silently mistrain with (or crash on later)."""
+    for name in ("num_experts", "save_interval", "train_epochs", "batch_train"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} {getattr(args, name)}: expected at least 1")
+    validate_curriculum(**{key: getattr(args, key) for key in CURRICULUM_KEYS})
+    if args.rho_min != args.rho_max:  # REFERENCE_NOTES 4.5: rho is the constant rho_max
+        raise UserError(
+            f"--rho_min {args.rho_min} differs from --rho_max {args.rho_max}: with a constant "
+            "learning rate GSAM's rho is constant; pass the same value to both"
+        )
+    if args.lr_teacher <= 0 or args.test_every < 0 or args.seed < 0:
+        raise UserError(
+            f"--lr_teacher {args.lr_teacher}, --test_every {args.test_every}, --seed {args.seed}: "
+            "expected lr > 0, K >= 0 (0 turns tests off) and seed >= 0"
+        )
+    if args.model not in MODEL_NAMES:
+        get_network(args.model, 3, 10)  # raises the registry's error listing close matches
+
+
+def index_file_path(args: argparse.Namespace) -> Path:
+    """`--sort_method NAME` -> `<indices_path>/NAME.pt`; a value ending in .pt is a path."""
+    name = args.sort_method
+    if name.endswith(".pt"):
+        path = Path(name).expanduser()
+    else:
+        path = Path(args.indices_path).expanduser() / f"{name}.pt"
+    if not path.is_file():
+        stem = Path(name).stem
+        method = stem.rpartition("_")[2] if "_" in stem else "GraNd"
+        make = f"--dataset={args.dataset} --method={method}"
+        if args.dataset == "ImageNet":
+            make += f" --subset={args.subset}"
+        make += f" --name={stem} --out={path.parent}"
+        raise UserError(
+            f"difficulty file for --sort_method={name!r} not found: looked for {path.absolute()}; "
+            f"make it with `python buffer/rank_difficulty.py {make}` (with this run's --data_path, "
+            "--zca and --max_per_class) or point --indices_path at the folder that holds it"
+        )
+    return path
+
+
+def run_settings(args: argparse.Namespace, data: Data, order: Tensor | None) -> dict:
+    """Everything that shapes a trajectory. Files and partial experts made with other settings
+    are never mixed into this run's buffer. JSON-plain, so it compares equal after a round trip."""
+    settings = {
+        "format": FORMAT,
+        "dataset": args.dataset, "subset": args.subset, "res": args.res, "model": args.model,
+        "zca": args.zca, "max_per_class": args.max_per_class,
+        "train_images": len(data.labels_train),
+        "train_epochs": args.train_epochs, "lr_teacher": args.lr_teacher, "mom": args.mom,
+        "l2": args.l2, "batch_train": args.batch_train, "dsa": args.dsa,
+        "dsa_strategy": args.dsa_strategy, "rho": args.rho_max, "alpha": args.alpha,
+        "adaptive": args.adaptive, "amp": args.amp, "seed": args.seed,
+        "save_interval": args.save_interval, "sort_method": args.sort_method or None,
+    }  # fmt: skip
+    if order is not None:
+        settings["indices_sha1"] = hashlib.sha1(order.numpy().tobytes()).hexdigest()
+        settings.update({key: getattr(args, key) for key in CURRICULUM_KEYS})
+    return json.loads(json.dumps(settings))
+
+
+def settings_mismatch(found: dict, wanted: dict) -> str:
+    keys = sorted(set(found) | set(wanted))
+    return ", ".join(
+        f"{k} {found.get(k)!r} (this run {wanted.get(k)!r})"
+        for k in keys
+        if found.get(k) != wanted.get(k)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Training one expert (ALGORITHMS 6)
+
+
+def expert_seeds(seed: int) -> tuple[int, int]:
+    """Two independent seeds from one: network initialisation, and data order + augmentation."""
+    init_seed, data_seed = np.random.SeedSequence(seed).generate_state(2)
+    return int(init_seed), int(data_seed)
+
+
+def epoch_indices(order: Tensor | None, epoch: int, args: argparse.Namespace, n_train: int):
+    """The train indices of this epoch and the curriculum's (drop_easy, keep_upto) fractions."""
+    if order is None:  # plain MTT/FTD experts: every image, every epoch
+        return torch.arange(n_train), (0.0, 1.0)
+    schedule = {key: getattr(args, key) for key in CURRICULUM_KEYS}
+    return curriculum_indices(order, epoch, **schedule), curriculum_fraction(epoch, **schedule)
+
+
+def loss_fn(model: nn.Module, x: Tensor, y: Tensor, amp: bool) -> Callable[[], tuple]:
+    """The closure GSAM evaluates twice: forward on the current weights, hard-label CE."""
+
+    def compute_loss() -> tuple[Tensor, Tensor]:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x)
+        return F.cross_entropy(logits.float(), y), logits
+
+    return compute_loss
+
+
+def train_epoch(
+    model: nn.Module,
+    optimizer: GSAM,
+    images: Tensor,
+    labels: Tensor,
+    indices: Tensor,
+    args: argparse.Namespace,
+    generator: torch.Generator,
+) -> tuple[float, float]:
+    """One pass over `indices` in a fresh shuffled order; returns (mean loss, accuracy %)."""
+    shuffled = indices[torch.randperm(len(indices), generator=generator)]
+    total_loss = torch.zeros((), device=images.device)
+    correct = torch.zeros((), device=images.device, dtype=torch.int64)
+    for start in range(0, len(shuffled), args.batch_train):
+        batch = shuffled[start : start + args.batch_train].to(images.device)
+        x = augment(images[batch], dsa=args.dsa, strategy=args.dsa_strategy, generator=generator)
+        y = labels[batch]
+        loss, logits = optimizer.step(loss_fn(model, x, y, args.amp == "bf16"))
+        total_loss += loss * len(batch)
+        correct += (logits.argmax(1) == y).sum()
+    return total_loss.item() / len(shuffled), 100.0 * correct.item() / len(shuffled)
+
+
+@torch.no_grad()
+def test_accuracy(model: nn.Module, images: Tensor, labels: Tensor, amp: bool) -> float:
+    """Accuracy % on the test set, eval mode, no augmentation (logging only)."""
+    model.eval()
+    correct = torch.zeros((), device=images.device, dtype=torch.int64)
+    for start in range(0, len(images), 256):
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(images[start : start + 256])
+        correct += (logits.argmax(1) == labels[start : start + 256]).sum()
+    model.train()
+    return 100.0 * correct.item() / len(images)
+
+
+@dataclass
+class Tensors:
+    """The data on the training device."""
+
+    images_train: Tensor
+    labels_train: Tensor
+    images_test: Tensor
+    labels_test: Tensor
+
+
+def train_expert(
+    k: int,
+    data: Data,
+    tensors: Tensors,
+    order: Tensor | None,
+    args: argparse.Namespace,
+    metrics: MetricsLog,
+    extra: dict,
+) -> tuple[Expert, list[dict]]:
+    """Train expert k (seed args.seed + k); returns its train_epochs + 1 snapshots and the
+    per-epoch records (also appended to `metrics` with the fields of `extra`)."""
+    init_seed, data_seed = expert_seeds(args.seed + k)
+    seed_everything(init_seed)
+    device = tensors.images_train.device
+    model = get_network(args.model, data.channel, data.num_classes, data.im_size).to(device)
+    base = torch.optim.SGD(
+        model.parameters(), lr=args.lr_teacher, momentum=args.mom, weight_decay=args.l2
+    )
+    optimizer = GSAM(model, base, rho=args.rho_max, alpha=args.alpha, adaptive=args.adaptive)
+    generator = torch.Generator().manual_seed(data_seed)  # CPU: same draws on every device
+    trajectory, records = [snapshot_params(model)], []
+    epochs = tqdm(range(args.train_epochs), desc=f"expert {k}", leave=False, disable=None)
+    for epoch in epochs:
+        start = time.perf_counter()
+        indices, (drop_easy, keep_upto) = epoch_indices(order, epoch, args, len(data.labels_train))
+        loss, acc = train_epoch(
+            model, optimizer, tensors.images_train, tensors.labels_train, indices, args, generator
+        )
+        trajectory.append(snapshot_params(model))
+        test_acc = None
+        if args.test_every and (
+            (epoch + 1) % args.test_every == 0 or epoch + 1 == args.train_epochs
+        ):
+            test_acc = test_accuracy(
+                model, tensors.images_test, tensors.labels_test, args.amp == "bf16"
+            )
+        epochs.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.1f}")
+        per_class = torch.bincount(data.labels_train[indices], minlength=data.num_classes)
+        records.append({
+            "expert": k, "epoch": epoch, "train_loss": loss, "train_acc": acc,
+            "test_acc": test_acc, "drop_easy": drop_easy, "keep_upto": keep_upto,
+            "images": len(indices), "images_per_class": per_class.tolist(),
+            "seconds": time.perf_counter() - start, **extra,
+        })  # fmt: skip
+        metrics.log(records[-1])
+    return trajectory, records
+
+
+# ---------------------------------------------------------------------------------------------
+# Files: which experts exist, which are missing, writing them (ALGORITHMS 6 [fix])
+
+
+def partial_path(folder: Path, number: int, k: int) -> Path:
+    return folder / f".replay_buffer_{number}.partial_{k}.pt"
+
+
+@dataclass
+class FileJob:
+    """File `number` must hold the experts `experts`; `done` holds those already finished."""
+
+    number: int
+    experts: list[int]
+    done: dict[int, Expert] = field(default_factory=dict)
+
+    @property
+    def missing(self) -> list[int]:
+        return [k for k in self.experts if k not in self.done]
+
+
+def check_trajectory(expert: Expert, shapes: list[list[int]], train_epochs: int, where: Path):
+    found = [list(t.shape) for t in expert[0]]
+    if len(expert) != train_epochs + 1 or found != shapes:
+        raise UserError(
+            f"{where} holds experts of {len(expert) - 1} epochs with parameter shapes "
+            f"{found[:3]}..., this run makes {train_epochs} epochs of {shapes[:3]}...: use "
+            "another --buffer_path"
+        )
+
+
+def existing_experts(path: Path, settings: dict, shapes: list, train_epochs: int) -> dict:
+    """The experts already in file `path` ({global index: trajectory}), checked against this run."""
+    if not path.exists():
+        return {}
+    meta = load_sidecar(path)
+    if meta is None or meta.get("format") != FORMAT:
+        raise UserError(
+            f"{path} exists without a {FORMAT} sidecar {path.with_suffix('.json').name}: it was "
+            "not made by this script, so its settings are unknown; use another --buffer_path"
+        )
+    if meta["settings"] != settings:
+        raise UserError(
+            f"{path} was made with other settings: "
+            f"{settings_mismatch(meta['settings'], settings)}; use the same settings or another "
+            "--buffer_path"
+        )
+    # Memory-mapped: only the list structure is read now. When a file is grown (a larger
+    # --num_experts than the run that wrote its last, smaller group) the sidecar may be newer than
+    # the .pt, so the .pt's length says which of the listed experts it holds.
+    experts = load_expert_file(path, mmap=True)
+    check_trajectory(experts[0], shapes, train_epochs, path)
+    return dict(zip(meta["experts"][: len(experts)], experts, strict=True))
+
+
+def load_partials(folder: Path, job: FileJob, settings: dict, shapes: list, train_epochs: int):
+    for k in job.missing:
+        path = partial_path(folder, job.number, k)
+        if not path.exists():
+            continue
+        state = load_pt(path, what="partial expert")
+        if state["settings"] != settings or state["expert"] != k:
+            raise UserError(
+                f"{path} was made with other settings "
+                f"({settings_mismatch(state['settings'], settings)}): delete it or rerun with them"
+            )
+        check_trajectory(state["trajectory"], shapes, train_epochs, path)
+        job.done[k] = state["trajectory"]
+
+
+def remove_stale_temporaries(folder: Path, number: int) -> None:
+    """Temporary files of atomic writes a killed run of this file left behind."""
+    for pattern in (f".replay_buffer_{number}.*.tmp", f"..replay_buffer_{number}.partial_*.tmp"):
+        for path in folder.glob(pattern):
+            path.unlink(missing_ok=True)
+
+
+def plan_files(
+    folder: Path, args: argparse.Namespace, rank: int, world: int, settings: dict, shapes: list
+) -> list[FileJob]:
+    """This rank's files that still lack experts, with what is already done loaded."""
+    jobs = []
+    num_files = -(-args.num_experts // args.save_interval)
+    for number in range(rank, num_files, world):
+        first = number * args.save_interval
+        job = FileJob(number, list(range(first, min(first + args.save_interval, args.num_experts))))
+        remove_stale_temporaries(folder, number)
+        path = expert_file(folder, number)
+        job.done.update(existing_experts(path, settings, shapes, args.train_epochs))
+        if not job.missing:  # complete; a kill after its write may have left partials
+            for k in job.experts:
+                partial_path(folder, number, k).unlink(missing_ok=True)
+            continue
+        load_partials(folder, job, settings, shapes, args.train_epochs)
+        jobs.append(job)
+    return jobs
+
+
+def finish_expert(folder: Path, job: FileJob, k: int, trajectory: Expert, meta: dict) -> None:
+    """Keep a finished expert: the whole file once complete, else a partial checkpoint."""
+    job.done[k] = trajectory
+    if job.missing:
+        save_pt({"expert": k, "settings": meta["settings"], "trajectory": trajectory},
+                partial_path(folder, job.number, k))  # fmt: skip
+        return
+    path = expert_file(folder, job.number)
+    meta = {**meta, "file": job.number, "experts": job.experts,
+            "seeds": [meta["settings"]["seed"] + i for i in job.experts]}  # fmt: skip
+    save_expert_file(path, [job.done[i] for i in job.experts], meta)
+    for i in job.experts:
+        partial_path(folder, job.number, i).unlink(missing_ok=True)
+    tqdm.write(f"wrote {path} ({len(job.experts)} experts)")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world_size) from torchrun's environment; (0, 1) for a plain run."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if not 0 <= rank < world:
+        raise UserError(f"RANK={rank} and WORLD_SIZE={world} are inconsistent")
+    return rank, world
+
+
+def pick_device(spec: str, world: int) -> torch.device:
+    device = resolve_device(spec)
+    if device.type == "cuda" and device.index is None and world > 1:  # one GPU per local rank
+        device = torch.device(
+            "cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()
+        )
+    return device
+
+
+def main(args: argparse.Namespace) -> None:
+    check_args(args)
+    rank, world = distributed_rank()
+    device = pick_device(args.device, world)
+    index_path = index_file_path(args) if args.sort_method else None
+    data = get_dataset(
+        args.dataset, args.data_path, subset=args.subset, zca=args.zca,
+        max_per_class=args.max_per_class,
+    )  # fmt: skip
+    order = None
+    if index_path:
+        order = load_index_file(
+            index_path, data.labels_train, dataset=args.dataset, subset=args.subset
+        )
+    shapes = [
+        list(p.shape)
+        for p in get_network(args.model, data.channel, data.num_classes, data.im_size).parameters()
+    ]
+    folder = expert_dir(args.buffer_path, args.dataset, args.model, args.zca, args.subset, args.res)
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = run_settings(args, data, order)
+    jobs = plan_files(folder, args, rank, world, settings, shapes)
+    if rank == 0:
+        save_yaml(vars(args), folder / "config.yaml")
+    todo = [(job, k) for job in jobs for k in job.missing]
+    print(
+        f"{folder}: rank {rank}/{world} trains {len(todo)} expert(s) on {device}"
+        + (f" with curriculum {index_path}" if index_path else " on all data"),
+        flush=True,
+    )
+    tensors = Tensors(
+        data.images_train.to(device), data.labels_train.to(device),
+        data.images_test.to(device), data.labels_test.to(device),
+    )  # fmt: skip
+    metrics = MetricsLog(folder / "metrics.jsonl")
+    meta = {
+        "format": FORMAT, "settings": settings, "param_shapes": shapes,
+        "num_params": int(sum(np.prod(s) for s in shapes)), "rank": rank, "world_size": world,
+        "device": str(device), "torch": torch.__version__,
+        "index_file": str(index_path.resolve()) if index_path else None,
+    }  # fmt: skip
+    for job, k in tqdm(todo, desc="experts", disable=None):
+        start = time.perf_counter()
+        extra = {"file": job.number, "rank": rank}
+        trajectory, records = train_expert(k, data, tensors, order, args, metrics, extra)
+        finish_expert(folder, job, k, trajectory, meta)
+        tests = [r["test_acc"] for r in records if r["test_acc"] is not None]
+        tqdm.write(
+            f"expert {k}: train acc {records[-1]['train_acc']:.1f}%"
+            + (f", test acc {tests[-1]:.1f}%" if tests else "")
+            + f" ({time.perf_counter() - start:.1f} s)"
+        )
+    mine = [expert_file(folder, job.number) for job in jobs]
+    print(f"rank {rank}: done; files written: {', '.join(p.name for p in mine) or 'none needed'}")
+
+
+if __name__ == "__main__":
+    run_main(main, parse_args)
