@@ -117,6 +117,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N")
     p.add_argument("--seed", type=int, default=0, help="expert k is seeded with seed + k")
     p.add_argument("--res", type=int, default=32, help="ImageNet folder level (ALGORITHMS 6)")
+    p.add_argument("--remove_easy", type=float, default=0.0,
+                   help="ablation (buffer_RM): train every epoch without the easiest fraction "
+                   "of each class, instead of the curriculum")  # fmt: skip
+    p.add_argument("--remove_hard", type=float, default=0.0,
+                   help="ablation (buffer_RM): train every epoch without the hardest fraction")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -136,6 +141,13 @@ def check_args(args: argparse.Namespace) -> None:
             f"--lr_teacher {args.lr_teacher}, --test_every {args.test_every}, --seed {args.seed}: "
             "expected lr > 0, K >= 0 (0 turns tests off) and seed >= 0"
         )
+    for name in ("remove_easy", "remove_hard"):
+        if not 0 <= getattr(args, name) < 1:
+            raise UserError(f"--{name} {getattr(args, name)}: expected a fraction in [0, 1)")
+    if (args.remove_easy or args.remove_hard) and not args.sort_method:
+        raise UserError("--remove_easy/--remove_hard need a difficulty order: add --sort_method")
+    if args.remove_easy and args.remove_hard:
+        raise UserError("give --remove_easy or --remove_hard, not both")
     if args.model not in MODEL_NAMES:
         get_network(args.model, 3, 10)  # raises the registry's error listing close matches
 
@@ -179,6 +191,8 @@ def run_settings(args: argparse.Namespace, data: Data, order: Tensor | None) -> 
     if order is not None:
         settings["indices_sha1"] = hashlib.sha1(order.numpy().tobytes()).hexdigest()
         settings.update({key: getattr(args, key) for key in CURRICULUM_KEYS})
+        if args.remove_easy or args.remove_hard:
+            settings.update(remove_easy=args.remove_easy, remove_hard=args.remove_hard)
     return json.loads(json.dumps(settings))
 
 
@@ -205,6 +219,12 @@ def epoch_indices(order: Tensor | None, epoch: int, args: argparse.Namespace, n_
     """The train indices of this epoch and the curriculum's (drop_easy, keep_upto) fractions."""
     if order is None:  # plain MTT/FTD experts: every image, every epoch
         return torch.arange(n_train), (0.0, 1.0)
+    n = order.shape[1]
+    if args.remove_easy:  # a fixed pruned subset, as the reference's buffer_RM.py ablation
+        return order[:, int(args.remove_easy * n) :].reshape(-1), (args.remove_easy, 1.0)
+    if args.remove_hard:
+        keep = n - int(args.remove_hard * n)
+        return order[:, :keep].reshape(-1), (0.0, keep / n)
     schedule = {key: getattr(args, key) for key in CURRICULUM_KEYS}
     return curriculum_indices(order, epoch, **schedule), curriculum_fraction(epoch, **schedule)
 

@@ -223,6 +223,30 @@ def test_bf16_plain_experts_without_curriculum(env, tmp_path):
     assert record["images"] == CLASSES * PER_CLASS and record["test_acc"] is None
 
 
+@pytest.mark.parametrize(("flag", "columns"), [("--remove_easy", (2, 8)), ("--remove_hard", (0, 6))])
+def test_ablation_trains_every_epoch_on_one_pruned_subset(env, tmp_path, flag, columns):
+    # int(0.25 * 8) = 2 images per class dropped at the easy (row start) or hard (row end) side
+    args = argv(env, tmp_path, flag, "0.25", "--test_every", "0", "--num_experts", "1")
+    batches = []
+    real_augment = buffer_CL.augment
+
+    def spy(x, **kwargs):
+        batches.append(x.clone())
+        return real_augment(x, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(buffer_CL, "augment", spy)
+        buffer_CL.main(buffer_CL.parse_args(args))
+    data, order = env["data"], env["order"]
+    index_of = {x.numpy().tobytes(): i for i, x in enumerate(data.images_train)}
+    drawn = [index_of[x.numpy().tobytes()] for batch in batches for x in batch]
+    expected = sorted(order[:, columns[0] : columns[1]].reshape(-1).tolist())
+    per_epoch = len(expected)
+    assert len(drawn) == EPOCHS * per_epoch
+    for epoch in range(EPOCHS):
+        assert sorted(drawn[epoch * per_epoch : (epoch + 1) * per_epoch]) == expected
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors: one line "error: ..." on stderr, exit status 2
 
@@ -245,6 +269,8 @@ def one_line_error(capsys, args: list[str]) -> str:
         (["--rm_epoch_first", "7", "--rm_epoch_second", "6"], "--rm_epoch_first=7"),
         (["--rho_min", "0.02"], "--rho_min 0.02"),
         (["--model", "ConvNetX"], "unknown model"),
+        (["--remove_easy", "1.0"], "--remove_easy 1.0"),
+        (["--remove_easy", "0.1", "--sort_method", ""], "need a difficulty order"),
         (["--dataset", "CIFAR11"], "unknown data set"),
         (
             ["--sort_method", "TINY_GraNd"],
