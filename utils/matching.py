@@ -1,0 +1,281 @@
+"""Trajectory matching: the student unroll, PAD's masked matching loss and its exact gradient.
+
+One distillation iteration (ALGORITHMS 7.5 steps 4-6) in three calls:
+
+    student = Student(get_network(model, channel, num_classes, im_size))
+    plan = plan_inner_steps(len(image_syn), syn_steps, batch_syn, im_size, augment=True,
+                            strategy=DSA_STRATEGY)
+    result = match_trajectory(student, image_syn, label_syn, syn_lr, w_start, target, plan,
+                              mask="depth", ratio=0.5, threshold=1.0)
+
+`match_trajectory` accumulates dL/d(image_syn, label_syn, syn_lr) into their `.grad`, like
+`L.backward()`. It has two memory modes that give the same gradient (ALGORITHMS 7.7):
+
+- "graph" keeps every inner step's graph and back-propagates once, like the reference; memory
+  grows linearly with syn_steps.
+- "recompute" runs the unroll without graphs, storing only w_0..w_{N-1}, then walks back from
+  step N-1 to 0, rebuilding one step's graph at a time and pushing the adjoint a_i = dL/dw_i
+  through it. Memory is one step's graph plus N flat parameter vectors.
+
+The plan (batch indices and DSA parameters of every step) is drawn before the unroll, so both
+modes, and both passes of "recompute", see the same batches and augmentations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import functional_call
+
+from utils.augment import DSA_STRATEGY, DSAParams, apply_dsa, sample_dsa_params
+from utils.io import UserError
+
+MASKS = ("none", "depth", "loss")
+MEMORY_MODES = ("graph", "recompute")
+
+
+def soft_cross_entropy(logits: Tensor, target_logits: Tensor) -> Tensor:
+    """-(1/B) sum_b sum_c softmax(target_b)_c log_softmax(logits_b)_c (ALGORITHMS 7.3)."""
+    return -(F.softmax(target_logits, dim=1) * F.log_softmax(logits, dim=1)).sum(1).mean()
+
+
+class Student:
+    """A network evaluated on a flat parameter vector (REFERENCE_NOTES 1.2).
+
+    The vector is split into the module's parameters in registration order (shallow to deep),
+    each piece a view of the vector, so gradients reach it. Buffers (BatchNorm running statistics)
+    are the module's own and are updated in place in train mode, as in the reference.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        named = list(model.named_parameters())  # a shared parameter appears once
+        self.names = [name for name, _ in named]
+        self.shapes: list[torch.Size] = [p.shape for _, p in named]
+        self.numels = [p.numel() for _, p in named]
+        self.num_params: int = sum(self.numels)
+
+    def __call__(self, x: Tensor, flat_params: Tensor) -> Tensor:
+        if flat_params.shape != (self.num_params,):
+            raise ValueError(
+                f"flat parameters of shape {tuple(flat_params.shape)}, "
+                f"expected ({self.num_params},)"
+            )
+        pieces = flat_params.split(self.numels)
+        params = {n: t.view(s) for n, t, s in zip(self.names, pieces, self.shapes, strict=True)}
+        return functional_call(self.model, params, (x,))
+
+
+def _check_mask(mask: str, ratio: float) -> None:
+    if mask not in MASKS:
+        raise UserError(f"matching mask {mask!r} is unknown; use one of {list(MASKS)}")
+    if not 0.0 <= ratio < 1.0:
+        raise UserError(
+            f"mask ratio {ratio} is outside [0, 1); set depth_ratio / loss_ratio to a fraction "
+            "such as 0.5 (0 keeps every parameter)"
+        )
+
+
+def kept_coordinates(mask: str, ratio: float, per_coordinate_loss: Tensor) -> Tensor | slice:
+    """The coordinates K the matching loss keeps (ALGORITHMS 7.5 step 5).
+
+    "none" keeps all; "depth" drops the first int(ratio * P) (shallowest) coordinates; "loss" drops
+    the int(ratio * P) smallest per-coordinate losses, ties broken by position (stable sort).
+    Returns a slice, or int64 indices for "loss"; ratio 0 keeps everything for every mask.
+    """
+    _check_mask(mask, ratio)
+    dropped = int(ratio * per_coordinate_loss.numel())
+    if mask == "none" or dropped == 0:
+        return slice(None)
+    if mask == "depth":
+        return slice(dropped, None)
+    # The ranking is a constant of the iteration: no gradient flows through the selection.
+    return torch.sort(per_coordinate_loss.detach(), stable=True).indices[dropped:]
+
+
+def matching_loss(
+    w_end: Tensor, w_start: Tensor, target: Tensor, *, mask: str = "none", ratio: float = 0.0
+) -> Tensor:
+    """sum_K (w_end - target)^2 / sum_K (w_start - target)^2 over the kept coordinates K."""
+    student_error = (w_end - target) ** 2
+    expert_error = (w_start - target) ** 2
+    kept = kept_coordinates(mask, ratio, student_error)
+    # The reference divides both sums by P; the factor cancels (REFERENCE_NOTES 6.10).
+    return student_error[kept].sum() / expert_error[kept].sum()
+
+
+@dataclass
+class InnerPlan:
+    """What every inner step uses: synthetic indices [b_i] (CPU int64) and DSA parameters."""
+
+    batches: list[Tensor]
+    aug: list[DSAParams | None]
+
+
+def plan_inner_steps(
+    num_syn: int,
+    syn_steps: int,
+    batch_syn: int | None,
+    im_size: tuple[int, int],
+    *,
+    augment: bool,
+    strategy: str = DSA_STRATEGY,
+    generator: torch.Generator | None = None,
+) -> InnerPlan:
+    """Draw the batches and augmentations of one unroll (ALGORITHMS 7.5 step 4).
+
+    A random permutation of the synthetic set is split into chunks of batch_syn; the last chunk
+    is used first (the reference pops from the end) and a new permutation is drawn when the
+    chunks run out. batch_syn None or >= num_syn means the whole set, re-permuted every step.
+    """
+    if syn_steps < 1:
+        raise UserError(f"syn_steps is {syn_steps}; it must be at least 1")
+    if batch_syn is not None and batch_syn < 1:
+        raise UserError(f"batch_syn is {batch_syn}; use a positive batch size or null for all")
+    chunk = num_syn if batch_syn is None else min(batch_syn, num_syn)
+    batches: list[Tensor] = []
+    aug: list[DSAParams | None] = []
+    chunks: list[Tensor] = []
+    for _ in range(syn_steps):
+        if not chunks:
+            chunks = list(torch.randperm(num_syn, generator=generator).split(chunk))
+        batch = chunks.pop()
+        batches.append(batch)
+        aug.append(
+            sample_dsa_params(len(batch), im_size, strategy, generator=generator)
+            if augment
+            else None
+        )
+    return InnerPlan(batches, aug)
+
+
+@dataclass
+class MatchResult:
+    loss: float
+    skipped: bool
+
+
+def match_trajectory(
+    student: Student,
+    image_syn: Tensor,
+    label_syn: Tensor,
+    syn_lr: Tensor,
+    w_start: Tensor,
+    target: Tensor,
+    plan: InnerPlan,
+    *,
+    mask: str = "none",
+    ratio: float = 0.0,
+    memory: str = "recompute",
+    threshold: float | None = None,
+) -> MatchResult:
+    """Unroll the student from w_start along `plan`, match `target`, accumulate gradients.
+
+    dL/d(image_syn, label_syn, syn_lr) are added to the `.grad` of those that require grad. When
+    `threshold` is given and L > threshold or L is not finite, no gradient is computed and the
+    result says skipped (the reference back-propagates but does not step: same outcome).
+    """
+    _check_mask(mask, ratio)
+    if memory not in MEMORY_MODES:
+        raise UserError(f"memory mode {memory!r} is unknown; use one of {list(MEMORY_MODES)}")
+    if not plan.batches:
+        raise ValueError("the plan has no inner steps")
+    w_start, target = w_start.detach(), target.detach()
+    unroll = _match_graph if memory == "graph" else _match_recompute
+    with torch.enable_grad():  # also correct when called under torch.no_grad()
+        return unroll(
+            student, image_syn, label_syn, syn_lr, w_start, target, plan, mask, ratio, threshold
+        )
+
+
+def _step_loss(
+    student: Student, w: Tensor, images: Tensor, labels: Tensor, aug: DSAParams | None
+) -> Tensor:
+    """Soft cross-entropy of one inner step on its (augmented) batch."""
+    x = images if aug is None else apply_dsa(images, aug)
+    return soft_cross_entropy(student(x, w), labels)
+
+
+def _skip(loss: Tensor, threshold: float | None) -> bool:
+    # `not (L <= threshold)` is also true for NaN (REFERENCE_NOTES 6.11).
+    return threshold is not None and not bool(loss <= threshold)
+
+
+def _match_graph(
+    student, image_syn, label_syn, syn_lr, w_start, target, plan, mask, ratio, threshold
+) -> MatchResult:
+    # ALGORITHMS 7.5 step 4: every step's graph is kept (create_graph) for one backward pass.
+    w = w_start.clone().requires_grad_(True)
+    for idx, aug in zip(plan.batches, plan.aug, strict=True):
+        loss_i = _step_loss(student, w, image_syn[idx], label_syn[idx], aug)
+        (g,) = torch.autograd.grad(loss_i, w, create_graph=True)
+        w = w - syn_lr * g
+    loss = matching_loss(w, w_start, target, mask=mask, ratio=ratio)
+    if _skip(loss, threshold):
+        return MatchResult(loss.item(), skipped=True)
+    inputs = [t for t in (image_syn, label_syn, syn_lr) if t.requires_grad]
+    if inputs:
+        torch.autograd.backward(loss, inputs=inputs)
+    return MatchResult(loss.item(), skipped=False)
+
+
+def _match_recompute(
+    student, image_syn, label_syn, syn_lr, w_start, target, plan, mask, ratio, threshold
+) -> MatchResult:
+    """ALGORITHMS 7.7: unroll without graphs, then back-propagate one rebuilt step at a time."""
+    steps = len(plan.batches)
+    images, labels, lr = image_syn.detach(), label_syn.detach(), syn_lr.detach()
+    # w_0..w_{N-1} in one block; w_N is only needed for L and dL/dw_N.
+    ws = torch.empty((steps, w_start.numel()), dtype=w_start.dtype, device=w_start.device)
+    ws[0] = w_start
+    for i, (idx, aug) in enumerate(zip(plan.batches, plan.aug, strict=True)):
+        w = ws[i].detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(_step_loss(student, w, images[idx], labels[idx], aug), w)
+        with torch.no_grad():
+            w_next = ws[i] - lr * g  # the same expression as graph mode, so the same rounding
+            if i + 1 < steps:
+                ws[i + 1] = w_next
+    w_end = w_next.requires_grad_(True)
+    loss = matching_loss(w_end, w_start, target, mask=mask, ratio=ratio)
+    if _skip(loss, threshold):
+        return MatchResult(loss.item(), skipped=True)
+    (adjoint,) = torch.autograd.grad(loss, w_end)  # a_N = dL/dw_N
+    del w_end, w_next
+
+    grad_image = torch.zeros_like(images) if image_syn.requires_grad else None
+    grad_label = torch.zeros_like(labels) if label_syn.requires_grad else None
+    grad_lr = torch.zeros_like(lr) if syn_lr.requires_grad else None
+    for i in reversed(range(steps)):
+        idx, aug = plan.batches[i], plan.aug[i]
+        w = ws[i].detach().requires_grad_(True)
+        x = images[idx].requires_grad_(grad_image is not None)
+        y = labels[idx].requires_grad_(grad_label is not None)
+        (g,) = torch.autograd.grad(_step_loss(student, w, x, y, aug), w, create_graph=True)
+        # w_{i+1} = w_i - lr * g(w_i, x, y): the vector-Jacobian product with a_{i+1} gives
+        # d/dlr = -g.a and d/d(w_i, x, y) = (a_{i+1}, 0, 0) + d(g . (-lr a_{i+1}))/d(w_i, x, y).
+        if grad_lr is not None:
+            grad_lr -= (g.detach() * adjoint).sum()
+        wrt = [t for t in (w, x, y) if t.requires_grad]
+        vjp = iter(torch.autograd.grad(g, wrt, grad_outputs=-lr * adjoint, materialize_grads=True))
+        adjoint = adjoint + next(vjp)
+        device_idx = idx.to(images.device)
+        if grad_image is not None:
+            grad_image.index_add_(0, device_idx, next(vjp))
+        if grad_label is not None:
+            grad_label.index_add_(0, device_idx, next(vjp))
+    for tensor, grad in ((image_syn, grad_image), (label_syn, grad_label), (syn_lr, grad_lr)):
+        if grad is not None:
+            _accumulate(tensor, grad)
+    return MatchResult(loss.item(), skipped=False)
+
+
+def _accumulate(tensor: Tensor, grad: Tensor) -> None:
+    """Add to tensor.grad the way backward() does."""
+    if tensor.grad is None:
+        tensor.grad = grad.reshape(tensor.shape)
+    else:
+        tensor.grad += grad.reshape(tensor.shape)
