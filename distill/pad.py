@@ -1,0 +1,624 @@
+"""PAD distillation: DATM's trajectory matching with PAD's parameter mask (ALGORITHMS 7).
+
+Run through the two entry points of the paper's README, from distill/ or the repository root:
+
+    cd distill
+    python PAD_depth.py --cfg ../configs/CIFAR-10/ConvIN/IPC10.yaml    # drop shallow parameters
+    python PAD_loss.py --cfg ../configs/CIFAR-10/ConvIN/IPC10.yaml     # drop smallest-loss ones
+
+Any config key can follow as `--key value` (ALGORITHMS 9), e.g. `--Iteration 2000 --device cpu`.
+
+Outputs, in `<out_dir>/<dataset>/<ipc>/<model>/<run name>/` (out_dir `logged_files`, relative to
+the working directory like the reference):
+    Normal/images_<it>.pt, labels_<it>.pt, lr_<it>.pt     the reference's files (ALGORITHMS 7.6)
+    Normal/images_best.pt, labels_best.pt, lr_best.pt   when the evaluated accuracy improved
+    Normal/images_zca_<it>.pt                           viewable (inverse-ZCA) images, with zca
+    images_<it>.png, images_clipped_<it>.png            image grids (ipc < 50 or force_save)
+    loss.png, metrics.jsonl, config.yaml, checkpoint.pt
+Numbered files are written at an evaluation that improved the accuracy, at every 1000th
+iteration (the reference's rule) and at the last evaluation (ours). The run name is `name`; its
+default RANDOM becomes `<dataset>-IPC<ipc>-<mask>-s<seed>`, e.g. `CIFAR10-IPC10-depth-s42`.
+A folder that already holds a run is only continued with `--resume true`, never overwritten.
+
+Resume: `checkpoint.pt` is written every `checkpoint_it` iterations, at the end, and after the
+iteration during which SIGINT or SIGTERM arrived (a second signal stops at once). `--resume true`
+continues from it; on CPU the result equals that of an uninterrupted run. Learning rates given on
+the resumed command line (e.g. a lower `--lr_img` after a divergence) replace the saved ones.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from utils.config import DEFAULTS, parse_config_args, save_config  # noqa: E402
+from utils.data import Data, get_dataset  # noqa: E402
+from utils.evaluate import eval_pool, evaluate_synset  # noqa: E402
+from utils.io import UserError, atomic_write, load_pt, run_main, save_pt  # noqa: E402
+from utils.matching import MEMORY_MODES, Student, match_trajectory, plan_inner_steps  # noqa: E402
+from utils.networks import get_network  # noqa: E402
+from utils.runtime import get_rng_state, resolve_device, seed_everything, set_rng_state  # noqa: E402
+from utils.synset import (  # noqa: E402
+    PIX_INITS,
+    StartEpochSchedule,
+    check_choice,
+    check_ipc,
+    check_ratio,
+    check_trajectory_length,
+    correctly_predicted_indices,
+    expert_logits,
+    hard_labels,
+    initial_soft_labels,
+    label_snapshots,
+    noise_images,
+    real_image_indices,
+)
+from utils.tracking import MetricsLog, Tracker, plot_curves, save_image_grid  # noqa: E402
+from utils.trajectory import (  # noqa: E402
+    ExpertSampler,
+    check_expert_shapes,
+    expert_dir,
+    flatten_params,
+    list_expert_files,
+    load_expert_file,
+)
+
+RATIO_KEYS = {"depth": "depth_ratio", "loss": "loss_ratio"}
+# Settings a checkpoint cannot be continued under (they change what the tensors mean).
+IDENTITY_KEYS = ("dataset", "subset", "model", "ipc", "zca", "res", "max_per_class")
+CHECKPOINT_VERSION = 1
+
+
+def main(mask: str, argv: list[str] | None = None) -> dict:
+    """Distill with PAD's `mask` ("depth" or "loss"); returns a summary of the run."""
+    # ---- arguments ---------------------------------------------------------------------------
+    cfg = parse_config_args(argv, description=f"PAD distillation, {mask} mask (ALGORITHMS 7)")
+    ratio_key = RATIO_KEYS[mask]
+    ratio = getattr(cfg, ratio_key)
+    check_settings(cfg, ratio_key)
+    schedule = StartEpochSchedule.from_config(cfg)
+    schedule.validate(cfg.Iteration)
+    run_dir = run_folder(cfg, mask)
+    checkpoint = read_checkpoint(run_dir, cfg, mask) if cfg.resume else None
+    if checkpoint is None:
+        refuse_existing_run(run_dir)
+    folder = expert_dir(cfg.buffer_path, cfg.dataset, cfg.model, cfg.zca, cfg.subset, cfg.res)
+    files = list_expert_files(folder)
+    if not files:
+        raise UserError(no_experts_message(cfg, folder))
+    device = resolve_device(cfg.device)
+
+    # ---- set-up ------------------------------------------------------------------------------
+    seed_everything(cfg.seed)
+    # one generator per purpose, so e.g. the evaluation schedule never shifts the start epochs
+    generators = {
+        name: torch.Generator().manual_seed(cfg.seed + k)
+        for k, name in enumerate(("init", "start_epoch", "inner_steps"))
+    }
+    data = get_dataset(
+        cfg.dataset, cfg.data_path, subset=cfg.subset, zca=cfg.zca, max_per_class=cfg.max_per_class
+    )
+    indices_class = data.indices_class()
+    check_ipc(cfg.ipc, indices_class, data.class_names)
+    model = get_network(cfg.model, data.channel, data.num_classes, data.im_size)
+    first_expert = load_expert_file(files[0], mmap=True)[0]
+    check_expert_shapes(first_expert, model, files[0])
+    check_trajectory_length(cfg.max_start_epoch, cfg.expert_epochs, len(first_expert), files[0])
+    student = Student(model.to(device))  # only its architecture: parameters come as flat vectors
+    sampler = ExpertSampler(
+        files,
+        load_all=cfg.load_all,
+        max_files=cfg.max_files,
+        max_experts=cfg.max_experts,
+        seed=cfg.seed,
+        mmap=True,
+    )
+    first_eval = cfg.eval_it if cfg.skip_first_eva else 0
+    eval_its = list(range(first_eval, cfg.Iteration + 1, cfg.eval_it))
+    print(
+        f"PAD ({mask} mask, {ratio_key} {ratio}): {cfg.dataset} IPC {cfg.ipc}, {cfg.model} "
+        f"({student.num_params} parameters) on {device}; {len(files)} expert file(s) in "
+        f"{folder}"
+    )
+
+    # ---- the synthetic set (ALGORITHMS 7.2-7.4) ----------------------------------------------
+    if checkpoint is None:
+        images, labels = initial_synset(
+            cfg, data, indices_class, files, student, device, generators["init"]
+        )
+        syn = SynSet.leaves(images, labels, torch.tensor(cfg.lr_teacher), device)
+    else:
+        syn = SynSet.leaves(
+            checkpoint["image_syn"], checkpoint["label_syn"], checkpoint["syn_lr"], device
+        )
+    optimizers = {
+        "images": torch.optim.SGD([syn.image_syn], lr=cfg.lr_img, momentum=0.5),
+        "lr": torch.optim.SGD([syn.syn_lr], lr=cfg.lr_lr, momentum=0.5),
+        "labels": torch.optim.SGD([syn.label_syn], lr=cfg.lr_y, momentum=cfg.Momentum_y),
+    }
+    progress = Progress()
+    if checkpoint is not None:
+        restore(checkpoint, optimizers, generators, sampler, progress)
+
+    (run_dir / "Normal").mkdir(parents=True, exist_ok=True)
+    save_config({key: getattr(cfg, key) for key in DEFAULTS}, run_dir / "config.yaml")
+    if checkpoint is not None:
+        drop_metrics_from(run_dir / "metrics.jsonl", progress.next_iteration)
+    tracker = Tracker(
+        run_dir, wandb_mode=cfg.wandb, project=cfg.project, name=run_dir.name, config=vars(cfg)
+    )
+    eval_models = eval_pool(cfg.eval_mode, cfg.model, data.im_size)
+    run = Run(cfg, data, device, run_dir, tracker, progress, eval_models)
+    resumed = f" (resumed at iteration {progress.next_iteration})" if checkpoint else ""
+    print(f"outputs: {run_dir}{resumed}")
+
+    # ---- the loop: it = 0 .. Iteration (ALGORITHMS 7.5) --------------------------------------
+    iterations = range(progress.next_iteration, cfg.Iteration + 1)
+    bar = tqdm(iterations, initial=iterations.start, total=cfg.Iteration + 1, disable=None)
+    with StopOnSignal() as stop:
+        for it in bar:
+            if it in eval_its:  # ALGORITHMS 7.6: before this iteration's update
+                improved = evaluate(run, it, syn)
+                numbered = improved or it % 1000 == 0 or it == eval_its[-1]
+                write_outputs(run, it, syn, best=improved, numbered=numbered)
+
+            trajectory = sampler.next()  # step 1
+            start_epoch = schedule.sample(it, generators["start_epoch"])  # step 2
+            where = sampler.current_file or folder
+            check_trajectory_length(cfg.max_start_epoch, cfg.expert_epochs, len(trajectory), where)
+            w_start = flatten_params(trajectory[start_epoch]).to(device)  # step 3
+            target = flatten_params(trajectory[start_epoch + cfg.expert_epochs]).to(device)
+            plan = plan_inner_steps(
+                len(syn.image_syn), cfg.syn_steps, cfg.batch_syn, data.im_size,
+                augment=cfg.dsa and not cfg.no_aug, strategy=cfg.dsa_strategy,
+                generator=generators["inner_steps"],
+            )  # fmt: skip
+            for optimizer in optimizers.values():
+                optimizer.zero_grad(set_to_none=True)
+            # steps 4-6: unroll, masked matching loss, gradients into the three tensors
+            result = match_trajectory(
+                student, syn.image_syn, syn.label_syn, syn.syn_lr, w_start, target, plan,
+                mask=mask, ratio=ratio, memory=cfg.memory, threshold=cfg.threshold,
+            )  # fmt: skip
+            if not math.isfinite(result.loss):
+                raise diverged(run, it, f"the matching loss is {result.loss}")
+            if not result.skipped:  # step 6: update only when loss <= threshold
+                for optimizer in optimizers.values():
+                    optimizer.step()
+                check_finite(run, it, syn)
+
+            progress.record(it, result.loss, start_epoch, result.skipped)  # step 7
+            lr = syn.syn_lr.item()
+            record = {"loss": result.loss, "start_epoch": start_epoch, "syn_lr": lr}
+            tracker.log(it, {**record, "skipped": int(result.skipped)})
+            if it % 10 == 0:
+                bar.set_postfix(loss=f"{result.loss:.4f}", start=start_epoch)
+            due = (it + 1) % cfg.checkpoint_it == 0 or it == cfg.Iteration
+            if due or stop.signum is not None:
+                state = checkpoint_state(run, mask, syn, optimizers, generators, sampler)
+                save_pt(state, run_dir / "checkpoint.pt")
+            if stop.signum is not None:
+                break
+    bar.close()
+    tracker.finish()
+
+    # ---- outputs -----------------------------------------------------------------------------
+    plot_loss(run)
+    if stop.signum is not None:
+        print(
+            f"stopped by {signal.Signals(stop.signum).name} after iteration "
+            f"{progress.next_iteration - 1}; checkpoint {run_dir / 'checkpoint.pt'}; continue "
+            "with the same command and --resume true"
+        )
+    else:
+        best = ", ".join(
+            f"{name} {b['mean']:.2f}% (it {b['iteration']})" for name, b in progress.best.items()
+        )
+        print(f"done: {progress.skipped} skipped iteration(s); best {best or '-'}; {run_dir}")
+    return {
+        "run_dir": run_dir,
+        "best": progress.best,
+        "stopped_by": stop.signum,
+        "next_iteration": progress.next_iteration,
+    }
+
+
+# ---- state of a run ----------------------------------------------------------------------------
+
+
+@dataclass
+class SynSet:
+    """The learnable tensors: image_syn [N, C, H, W] (class-major), label_syn [N, classes] soft
+    logits, syn_lr [] the students' learning rate."""
+
+    image_syn: Tensor
+    label_syn: Tensor
+    syn_lr: Tensor
+
+    @classmethod
+    def leaves(cls, images: Tensor, labels: Tensor, lr: Tensor, device: torch.device) -> SynSet:
+        def leaf(t: Tensor) -> Tensor:
+            return t.detach().to(device, torch.float32).clone().requires_grad_(True)
+
+        return cls(leaf(images), leaf(labels), leaf(lr))
+
+    def cpu(self) -> dict[str, Tensor]:
+        """Detached CPU copies, keyed by the reference's file prefixes."""
+        return {
+            "images": self.image_syn.detach().cpu().clone(),
+            "labels": self.label_syn.detach().cpu().clone(),
+            "lr": self.syn_lr.detach().cpu().clone(),
+        }
+
+
+@dataclass
+class Progress:
+    """Everything about the run so far that a checkpoint keeps besides tensors and RNGs."""
+
+    next_iteration: int = 0
+    skipped: int = 0
+    best: dict[str, dict] = field(default_factory=dict)  # model -> {mean, std, iteration}
+    history: dict[str, list] = field(
+        default_factory=lambda: {"iteration": [], "loss": [], "start_epoch": [], "skipped": []}
+    )
+
+    def record(self, it: int, loss: float, start_epoch: int, skipped: bool) -> None:
+        values = (it, loss, start_epoch, int(skipped))
+        for key, value in zip(self.history, values, strict=True):
+            self.history[key].append(value)
+        self.skipped += int(skipped)
+        self.next_iteration = it + 1
+
+
+@dataclass
+class Run:
+    """What evaluation, outputs and the divergence guard need to know about the run."""
+
+    cfg: SimpleNamespace
+    data: Data
+    device: torch.device
+    dir: Path
+    tracker: Tracker
+    progress: Progress
+    eval_models: list[str]
+
+
+# ---- arguments ---------------------------------------------------------------------------------
+
+
+def check_settings(cfg: SimpleNamespace, ratio_key: str) -> None:
+    """One-line UserErrors for settings the loop cannot run with (ALGORITHMS 9)."""
+    check_ratio(ratio_key, getattr(cfg, ratio_key))
+    check_choice("memory", cfg.memory, MEMORY_MODES)
+    check_choice("pix_init", cfg.pix_init, PIX_INITS)
+    minimums = {
+        "syn_steps": 1,
+        "expert_epochs": 1,
+        "Iteration": 0,
+        "eval_it": 1,
+        "checkpoint_it": 1,
+        "num_eval": 1,
+        "epoch_eval_train": 0,
+        "batch_train": 1,
+    }
+    for key, minimum in minimums.items():
+        if getattr(cfg, key) < minimum:
+            raise UserError(f"{key}={getattr(cfg, key)}: expected at least {minimum}")
+    if cfg.batch_syn is not None and cfg.batch_syn < 1:
+        raise UserError(f"batch_syn={cfg.batch_syn}: use a positive batch size or null for all")
+    if cfg.texture:
+        raise UserError("texture=True: texture distillation is not part of PAD; set it to False")
+
+
+def run_folder(cfg: SimpleNamespace, mask: str) -> Path:
+    """`<out_dir>/<dataset>/<ipc>/<model>/<run name>` (REFERENCE_NOTES 6.12), never from wandb."""
+    name = cfg.name if cfg.name != "RANDOM" else f"{cfg.dataset}-IPC{cfg.ipc}-{mask}-s{cfg.seed}"
+    return Path(cfg.out_dir) / cfg.dataset / str(cfg.ipc) / cfg.model / name
+
+
+def refuse_existing_run(run_dir: Path) -> None:
+    """A run folder is never silently reused (REFERENCE_NOTES 9.2 #22)."""
+    if (run_dir / "checkpoint.pt").exists():
+        raise UserError(
+            f"{run_dir} already holds a run: continue it with --resume true, or give this run "
+            "another --name"
+        )
+    if (run_dir / "metrics.jsonl").exists():
+        raise UserError(
+            f"{run_dir} holds a run that stopped before its first checkpoint: delete that "
+            "folder, or give this run another --name"
+        )
+
+
+def no_experts_message(cfg: SimpleNamespace, folder: Path) -> str:
+    zca = " --zca" if cfg.zca else ""
+    train_epochs = max(cfg.max_start_epoch + cfg.expert_epochs - 1, 1)
+    return (
+        f"no expert files (replay_buffer_0.pt, ...) in {folder.absolute()}: make them with "
+        f"`cd buffer && python buffer_CL.py --dataset={cfg.dataset} --model={cfg.model}{zca} "
+        f"--train_epochs={train_epochs} --buffer_path={cfg.buffer_path} "
+        f"--data_path={cfg.data_path}` (README), or point --buffer_path at them"
+    )
+
+
+# ---- the synthetic set -------------------------------------------------------------------------
+
+
+def initial_synset(
+    cfg: SimpleNamespace,
+    data: Data,
+    indices_class: list[Tensor],
+    files: list[Path],
+    student: Student,
+    device: torch.device,
+    generator: torch.Generator,
+) -> tuple[Tensor, Tensor]:
+    """Initial images (ALGORITHMS 7.2) and soft labels (7.3), on the CPU."""
+    labels = hard_labels(data.num_classes, cfg.ipc)
+    label_student = student
+    if cfg.Initialize_Label_With_Another_Model:
+        name = cfg.Initialize_Label_Model
+        other = get_network(name, data.channel, data.num_classes, data.im_size)
+        label_student = Student(other.to(device))
+    if cfg.pix_init == "samples_predicted_correctly":
+        snapshots = label_snapshots(
+            files[: cfg.max_files], cfg.Label_Model_Timestamp, label_student.model
+        )
+
+        def predict(k: int, images: Tensor) -> Tensor:
+            return expert_logits(label_student, images, snapshots[k], device).argmax(1)
+
+        chosen = correctly_predicted_indices(
+            data.images_train, indices_class, cfg.ipc, predict, len(snapshots), generator,
+            data.class_names,
+        )  # fmt: skip
+        image_syn = data.images_train[chosen].clone()
+        label_syn = initial_soft_labels(label_student, image_syn, labels, snapshots, device)
+    else:
+        if cfg.pix_init == "real":
+            image_syn = data.images_train[real_image_indices(indices_class, cfg.ipc, generator)]
+        else:
+            image_syn = noise_images(len(labels), data.channel, data.im_size, generator)
+        # REFERENCE_NOTES 6.5: the logits of the first expert's last snapshot, no averaging
+        first = label_snapshots(files[:1], -1, label_student.model)[0]
+        label_syn = expert_logits(label_student, image_syn, first, device)
+    accuracy = (label_syn.argmax(1) == labels).float().mean().item() * 100
+    print(f"initial images: {cfg.pix_init}; soft labels agree with the classes on {accuracy:.1f}%")
+    return image_syn, label_syn
+
+
+# ---- evaluation and outputs --------------------------------------------------------------------
+
+
+def evaluate(run: Run, it: int, syn: SynSet) -> bool:
+    """Train num_eval networks per pool model on the current set (ALGORITHMS 8).
+
+    Returns True when some model's mean accuracy beat its best so far.
+    """
+    cfg, lr = run.cfg, syn.syn_lr.item()
+    if not lr > 0:
+        raise UserError(
+            f"the learned syn_lr is {lr:.3g} at iteration {it}; evaluation needs a positive "
+            f"learning rate: lower lr_lr (now {cfg.lr_lr:g})"
+        )
+    improved = False
+    tensors = syn.cpu()
+    for name in run.eval_models:
+        result = evaluate_synset(
+            name, tensors["images"], tensors["labels"], lr, run.data,
+            epochs=cfg.epoch_eval_train, batch_train=cfg.batch_train, dsa=cfg.dsa,
+            dsa_strategy=cfg.dsa_strategy, num_eval=cfg.num_eval, device=run.device,
+            seed=cfg.eval_seed + it, amp=cfg.amp,
+        )  # fmt: skip
+        best = run.progress.best.get(name)
+        if best is None or result.mean > best["mean"]:
+            best = {"mean": result.mean, "std": result.std, "iteration": it}
+            run.progress.best[name] = best
+            improved = True
+        run.tracker.log(
+            it,
+            {
+                f"accuracy/{name}": result.mean,
+                f"accuracy_std/{name}": result.std,
+                f"best_accuracy/{name}": best["mean"],
+                "eval_seconds": result.seconds,
+            },
+        )
+        tqdm.write(
+            f"[it {it}] {name}: {result.mean:.2f}% +- {result.std:.2f} ({cfg.num_eval} net(s), "
+            f"best {best['mean']:.2f}% at it {best['iteration']}); syn_lr {lr:.5f}; "
+            f"{result.seconds:.1f} s",
+            file=sys.stdout,
+        )
+    return improved
+
+
+def write_outputs(run: Run, it: int, syn: SynSet, *, best: bool, numbered: bool) -> None:
+    """The reference's files (ALGORITHMS 7.6), image grids and the loss curve."""
+    cfg, normal = run.cfg, run.dir / "Normal"
+    tensors = syn.cpu()
+    tags = ([str(it)] if numbered else []) + (["best"] if best else [])
+    for tag in tags:
+        for prefix, tensor in tensors.items():
+            save_pt(tensor, normal / f"{prefix}_{tag}.pt")
+    small = cfg.ipc < 50 or cfg.force_save  # the reference's rule for viewable copies
+    viewable = run.data.to_viewable(tensors["images"])
+    if numbered and cfg.zca and small:
+        save_pt(viewable, normal / f"images_zca_{it}.pt")
+    if small:
+        for suffix, clip_std in (("", None), ("_clipped", 2.5)):
+            path = run.dir / f"images{suffix}_{it}.png"
+            save_image_grid(viewable, path, nrow=10, clip_std=clip_std)
+            run.tracker.image(f"synthetic_images{suffix}", path, step=it)
+    plot_loss(run)
+
+
+def plot_loss(run: Run) -> None:
+    history = run.progress.history
+    if history["iteration"]:
+        series = {"matching loss": history["loss"], "start epoch": history["start_epoch"]}
+        plot_curves(run.dir / "loss.png", history["iteration"], series, title=run.dir.name)
+
+
+def drop_metrics_from(path: Path, next_iteration: int) -> None:
+    """On resume, forget what was logged after the checkpoint (those iterations run again)."""
+    kept = [r for r in MetricsLog(path).read() if r.get("step", 0) < next_iteration]
+    with atomic_write(path) as tmp:
+        tmp.write_text("".join(json.dumps(record) + "\n" for record in kept))
+
+
+# ---- divergence guard --------------------------------------------------------------------------
+
+
+def diverged(run: Run, it: int, what: str) -> UserError:
+    checkpoint = run.dir / "checkpoint.pt"
+    last = f"the last good checkpoint is {checkpoint}" if checkpoint.exists() else "no checkpoint"
+    return UserError(
+        f"distillation diverged at iteration {it}: {what}; nothing of this iteration was saved "
+        f"({last}); lower lr_img (now {run.cfg.lr_img:g}) and start again, or continue with "
+        "--resume true and a lower --lr_img"
+    )
+
+
+def check_finite(run: Run, it: int, syn: SynSet) -> None:
+    for name, tensor in (
+        ("images", syn.image_syn),
+        ("labels", syn.label_syn),
+        ("learning rate", syn.syn_lr),
+    ):
+        if not torch.isfinite(tensor).all():
+            raise diverged(run, it, f"the synthetic {name} are not finite after the update")
+
+
+# ---- checkpoints and signals -------------------------------------------------------------------
+
+
+def checkpoint_state(
+    run: Run,
+    mask: str,
+    syn: SynSet,
+    optimizers: dict[str, torch.optim.Optimizer],
+    generators: dict[str, torch.Generator],
+    sampler: ExpertSampler,
+) -> dict:
+    """Everything needed to continue exactly after the last finished iteration."""
+    tensors = syn.cpu()
+    progress = run.progress
+    return {
+        "version": CHECKPOINT_VERSION,
+        "identity": identity(run.cfg, mask),
+        "image_syn": tensors["images"],
+        "label_syn": tensors["labels"],
+        "syn_lr": tensors["lr"],
+        "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
+        "rng": {
+            "global": get_rng_state(),
+            "generators": {name: g.get_state() for name, g in generators.items()},
+        },
+        "expert_sampler": sampler.state_dict(),
+        "progress": {
+            "next_iteration": progress.next_iteration,
+            "skipped": progress.skipped,
+            "best": progress.best,
+            "history": progress.history,
+        },
+    }
+
+
+def identity(cfg: SimpleNamespace, mask: str) -> dict:
+    return {"mask": mask, **{key: getattr(cfg, key) for key in IDENTITY_KEYS}}
+
+
+def read_checkpoint(run_dir: Path, cfg: SimpleNamespace, mask: str) -> dict:
+    path = run_dir / "checkpoint.pt"
+    if not path.exists():
+        raise UserError(
+            f"--resume true but there is no checkpoint at {path}: start without --resume, or "
+            "give the --name / --out_dir of the run to continue"
+        )
+    checkpoint = load_pt(path, what="checkpoint")
+    if not isinstance(checkpoint, dict) or checkpoint.get("version") != CHECKPOINT_VERSION:
+        raise UserError(f"{path} is not a checkpoint of this version of distill/pad.py")
+    saved, wanted = checkpoint["identity"], identity(cfg, mask)
+    changed = [
+        f"{key}={wanted[key]!r} (checkpoint: {saved.get(key)!r})"
+        for key in wanted
+        if saved.get(key) != wanted[key]
+    ]
+    if changed:
+        raise UserError(f"cannot resume {path} with other settings: {', '.join(changed)}")
+    return checkpoint
+
+
+def restore(
+    checkpoint: dict,
+    optimizers: dict[str, torch.optim.Optimizer],
+    generators: dict[str, torch.Generator],
+    sampler: ExpertSampler,
+    progress: Progress,
+) -> None:
+    for name, optimizer in optimizers.items():
+        lr = optimizer.param_groups[0]["lr"]  # this command line's rate wins over the saved one
+        optimizer.load_state_dict(checkpoint["optimizers"][name])
+        optimizer.param_groups[0]["lr"] = lr
+    set_rng_state(checkpoint["rng"]["global"])
+    for name, generator in generators.items():
+        generator.set_state(checkpoint["rng"]["generators"][name])
+    sampler.load_state_dict(checkpoint["expert_sampler"])
+    for key, value in checkpoint["progress"].items():
+        setattr(progress, key, value)
+
+
+class StopOnSignal:
+    """Turns the first SIGINT/SIGTERM into a request to stop after the current iteration.
+
+    The old handlers come back after the first signal, so a second one acts at once.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():  # signal() works only there
+            self.previous = {sig: signal.signal(sig, self.handle) for sig in self.SIGNALS}
+        return self
+
+    def handle(self, signum: int, frame: object) -> None:
+        self.signum = signum
+        self.restore()
+        name = signal.Signals(signum).name
+        tqdm.write(f"{name}: stopping after this iteration (again to stop at once)", sys.stderr)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
+
+
+def run(mask: str) -> None:
+    """Entry point of PAD_depth.py / PAD_loss.py: exit 2 on a UserError, 128 + signal if stopped."""
+
+    def main_with_status(argv: list[str]) -> None:
+        summary = main(mask, argv)
+        if summary["stopped_by"] is not None:
+            sys.exit(128 + summary["stopped_by"])
+
+    run_main(main_with_status, lambda: sys.argv[1:])
