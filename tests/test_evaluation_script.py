@@ -1,0 +1,178 @@
+"""distill/evaluation.py on a tiny generated ImageFolder data set (3 classes, 16x16)."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.io import write_png
+
+from distill import evaluation
+from utils.io import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES, SIZE = 3, 16
+MODEL_FIELDS = {"accs", "mean", "std", "epochs", "lr", "batch", "seed", "device", "seconds", "mode"}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The data set, and a distilled set saved the way the authors' code saves it."""
+    root = tmp_path_factory.mktemp("eval_world")
+    generator = torch.Generator().manual_seed(0)
+    for split, count in (("train", 5), ("test", 3)):
+        for c in range(CLASSES):
+            folder = root / "data" / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                image = torch.randint(0, 256, (3, SIZE, SIZE), generator=generator)
+                image[c] = image[c] // 2 + 128
+                write_png(image.to(torch.uint8), str(folder / f"{i}.png"))
+    normal = root / "Normal"
+    normal.mkdir()
+    torch.save(torch.randn(6, 3, SIZE, SIZE, requires_grad=True), normal / "images_best.pt")
+    torch.save(torch.randn(6, CLASSES, requires_grad=True), normal / "labels_best.pt")
+    torch.save(torch.tensor(0.02, requires_grad=True), normal / "lr_best.pt")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def cache_and_threads(world, monkeypatch):
+    monkeypatch.setenv("PAD_CACHE_DIR", str(world / "cache"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def base_args(world, *extra):
+    return ["--dataset", "ImageFolder", f"--data_path={world / 'data'}", "--epoch_eval_train=2",
+            "--num_eval=2", "--models=ConvNetW32", "--batch_train=4", *extra]  # fmt: skip
+
+
+def set_args(world, *extra):
+    normal = world / "Normal"
+    return base_args(world, f"--data_dir={normal / 'images_best.pt'}",
+                     f"--label_dir={normal / 'labels_best.pt'}", *extra)  # fmt: skip
+
+
+def test_readme_command_from_distill_folder(world):
+    """The README's flags, run from distill/, on files saved like the authors' (requires_grad,
+    0-d lr); the JSON lands next to the images with the documented fields."""
+    normal = world / "Normal"
+    args = set_args(world, f"--lr_dir={normal / 'lr_best.pt'}", "--zca")
+    env = {"PAD_CACHE_DIR": str(world / "cache"), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin"}
+    done = subprocess.run([sys.executable, "evaluation.py", *args], cwd=ROOT / "distill",
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"^ConvNetW32: \d+\.\d\d \+- \d+\.\d\d over 2 networks \(batched, \d+ s\)$",
+                     done.stdout, re.MULTILINE), done.stdout  # fmt: skip
+    record = json.loads((normal / "eval_best.json").read_text())
+    assert record["label_type"] == "soft" and record["zca"] is True
+    assert record["num_images"] == 6 and record["num_eval"] == 2
+    result = record["models"]["ConvNetW32"]
+    assert set(result) == MODEL_FIELDS
+    assert len(result["accs"]) == 2 and result["epochs"] == 2 and result["batch"] == 4
+    assert result["lr"] == pytest.approx(0.02) and result["seed"] == 0
+    assert result["device"] == "cpu" and result["mode"] == "batched"
+    for acc in result["accs"]:  # 9 test images
+        assert acc * 9 / 100 == pytest.approx(round(acc * 9 / 100))
+
+
+def test_bad_input_is_one_line_and_exit_2(world, tmp_path):
+    broken = tmp_path / "lr_best.pt"
+    broken.write_bytes(b"not a tensor file")
+    script = str(ROOT / "distill" / "evaluation.py")
+    done = subprocess.run(
+        [sys.executable, script, *set_args(world, f"--lr_dir={broken}")],
+        env={"PAD_CACHE_DIR": str(world / "cache"), "PATH": "/usr/bin"},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot read learning rate file")
+    assert str(broken) in lines[0]
+
+
+def test_random_baseline_with_hard_labels_and_out_folder(world, tmp_path):
+    out = tmp_path / "results"
+    out.mkdir()
+    args = evaluation.parse_args(base_args(world, "--random_ipc=2", f"--out={out}", "--seed=3",
+                                           "--batched=false"))  # fmt: skip
+    record = evaluation.main(args)
+    written = json.loads((out / "eval_random_ipc2_ImageFolder.json").read_text())
+    assert written == json.loads(json.dumps(record))
+    assert written["label_type"] == "hard" and written["num_images"] == 2 * CLASSES
+    result = written["models"]["ConvNetW32"]
+    assert result["lr"] == 0.01 and result["mode"] == "sequential" and result["seed"] == 3
+
+
+def test_lr_net_and_eval_mode_pool(world, tmp_path, monkeypatch):
+    captured = {}
+
+    def fake_evaluate_models(names, images, labels, lr, data, **kwargs):
+        captured.update(names=names, lr=lr, labels=labels, kwargs=kwargs)
+        return []
+
+    monkeypatch.setattr(evaluation, "evaluate_models", fake_evaluate_models)
+    hard = tmp_path / "hard.pt"
+    torch.save(torch.tensor([0, 1, 2, 0, 1, 2]), hard)
+    normal = world / "Normal"
+    args = [
+        "--dataset", "ImageFolder", f"--data_path={world / 'data'}", "--model=ConvNetD4BN",
+        "--eval_mode=C", f"--data_dir={normal / 'images_best.pt'}", f"--label_dir={hard}",
+        "--lr_net=0.3", "--amp=bf16", f"--out={tmp_path / 'x.json'}",
+    ]  # fmt: skip
+    evaluation.main(evaluation.parse_args(args))
+    assert captured["names"] == ["ConvNetD4BN", "ConvNet"]
+    assert captured["lr"] == 0.3 and captured["labels"].dtype == torch.int64
+    assert captured["kwargs"]["amp"] == "bf16" and captured["kwargs"]["num_eval"] == 5
+    assert captured["kwargs"]["epochs"] == 1000 and captured["kwargs"]["batch_train"] == 128
+    assert (tmp_path / "x.json").exists()
+
+
+def test_each_bad_input_is_a_user_error(world, tmp_path):
+    normal = world / "Normal"
+    images, labels = normal / "images_best.pt", normal / "labels_best.pt"
+
+    def saved(name, value):
+        torch.save(value, tmp_path / name)
+        return tmp_path / name
+
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x00" * 10)
+    lr = f"--lr_dir={normal / 'lr_best.pt'}"
+    cases = [
+        ([f"--data_dir={tmp_path / 'missing.pt'}", f"--label_dir={labels}", lr], "not found"),
+        ([f"--data_dir={corrupt}", f"--label_dir={labels}", lr], "cannot read images file"),
+        ([f"--data_dir={images}", f"--label_dir={corrupt}", lr], "cannot read labels file"),
+        ([f"--data_dir={images}", f"--label_dir={labels}", f"--lr_dir={tmp_path / 'no.pt'}"],
+         "not found"),
+        ([f"--data_dir={saved('i28.pt', torch.randn(6, 3, 28, 28))}", f"--label_dir={labels}", lr],
+         "3x16x16"),
+        ([f"--data_dir={images}", f"--label_dir={saved('l5.pt', torch.randn(5, CLASSES))}", lr],
+         r"expected \[6, 3\]"),
+        ([f"--data_dir={images}", f"--label_dir={saved('l4.pt', torch.randn(6, 4))}", lr],
+         r"expected \[6, 3\]"),
+        ([f"--data_dir={images}", f"--label_dir={labels}", "--lr_net=0"], "positive finite"),
+        ([f"--data_dir={images}", f"--label_dir={labels}",
+          f"--lr_dir={saved('nan.pt', torch.tensor(float('nan')))}"], "positive finite"),
+        ([f"--data_dir={images}", f"--label_dir={labels}", lr, "--models=ConvNet,ResNet19"],
+         "ResNet19"),
+        ([f"--data_dir={images}", f"--label_dir={labels}", lr, "--eval_mode=Z"], "eval_mode 'Z'"),
+        ([f"--data_dir={images}", f"--label_dir={labels}", lr, "--lr_net=0.1"], "exactly one"),
+        ([f"--data_dir={images}", lr], "--label_dir missing"),
+        (["--random_ipc=2", f"--data_dir={images}"], "drop --data_dir"),
+        (["--random_ipc=9"], "random_ipc=9"),
+    ]  # fmt: skip
+    for extra, message in cases:
+        args = ["--dataset", "ImageFolder", f"--data_path={world / 'data'}", "--epoch_eval_train=1",
+                f"--out={tmp_path}", *extra]  # fmt: skip
+        if "--models" not in " ".join(extra):
+            args.append("--model=ConvNetW32")
+        with pytest.raises(UserError, match=message):
+            evaluation.main(evaluation.parse_args(args))
+    assert not list(tmp_path.glob("eval_*.json"))  # nothing trained, nothing written
