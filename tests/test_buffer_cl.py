@@ -109,10 +109,8 @@ def metrics(buffer: Path) -> list[dict]:
     return [json.loads(line) for line in lines]
 
 
-@pytest.fixture(scope="module")
-def first_run(env):
-    """One in-process run; records the real images each training batch drew (before DSA)."""
-    buffer = env["root"] / "first"
+def run_recording_batches(env, args: list[str]) -> list[torch.Tensor]:
+    """Run buffer_CL in process; return the real images each training batch drew (before DSA)."""
     batches = []
     real_augment = buffer_CL.augment
 
@@ -123,8 +121,15 @@ def first_run(env):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PAD_CACHE_DIR", str(env["root"] / "cache"))
         mp.setattr(buffer_CL, "augment", spy)
-        buffer_CL.main(buffer_CL.parse_args(argv(env, buffer)))
-    return {"buffer": buffer, "batches": batches}
+        buffer_CL.main(buffer_CL.parse_args(args))
+    return batches
+
+
+@pytest.fixture(scope="module")
+def first_run(env):
+    """One in-process run shared by the format, curriculum, resume and growth tests."""
+    buffer = env["root"] / "first"
+    return {"buffer": buffer, "batches": run_recording_batches(env, argv(env, buffer))}
 
 
 def test_expert_files_hold_the_reference_format(env, first_run):
@@ -227,16 +232,7 @@ def test_bf16_plain_experts_without_curriculum(env, tmp_path):
 def test_ablation_trains_every_epoch_on_one_pruned_subset(env, tmp_path, flag, columns):
     # int(0.25 * 8) = 2 images per class dropped at the easy (row start) or hard (row end) side
     args = argv(env, tmp_path, flag, "0.25", "--test_every", "0", "--num_experts", "1")
-    batches = []
-    real_augment = buffer_CL.augment
-
-    def spy(x, **kwargs):
-        batches.append(x.clone())
-        return real_augment(x, **kwargs)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(buffer_CL, "augment", spy)
-        buffer_CL.main(buffer_CL.parse_args(args))
+    batches = run_recording_batches(env, args)
     data, order = env["data"], env["order"]
     index_of = {x.numpy().tobytes(): i for i, x in enumerate(data.images_train)}
     drawn = [index_of[x.numpy().tobytes()] for batch in batches for x in batch]
