@@ -83,8 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--random_ipc", type=int, help="evaluate K random real images per class")
     p.add_argument("--max_per_class", type=int, help="use the first N train images of each class")
     p.add_argument("--amp", default="off", choices=AMP_MODES, help="bf16: bfloat16 autocast")
-    p.add_argument("--batched", type=str2bool, default=True,
-                   help="train the networks of a model as one vmapped ensemble")  # fmt: skip
+    p.add_argument("--batched", type=lambda v: None if v == "auto" else str2bool(v), default=None,
+                   help="train the networks of a model as one vmapped ensemble: true, false, or "
+                   "auto (default: batched on GPUs, sequential on the CPU, where it is faster)")  # fmt: skip
     return p.parse_args(argv)
 
 

@@ -287,7 +287,7 @@ def test_separable_set_reaches_full_accuracy_and_result_fields():
     images, labels = data.images_train, data.labels_train
     before = torch.get_rng_state()
     result = evaluate_synset("ConvNetW32", images, labels, 0.02, data, epochs=12, batch_train=12,
-                             dsa_strategy="none", num_eval=2, seed=5)  # fmt: skip
+                             dsa_strategy="none", num_eval=2, seed=5, batched=True)  # fmt: skip
     assert torch.equal(torch.get_rng_state(), before)  # the global RNG is left alone
     assert isinstance(result, EvalResult)
     assert result.accs == [100.0, 100.0]  # test images come from the same prototypes
@@ -313,6 +313,8 @@ def test_accuracy_statistics_use_population_std():
     assert result.std == pytest.approx(statistics.pstdev(result.accs))
     single = evaluate_synset("ConvNetW32", images, labels, 0.05, data, epochs=0, num_eval=1)
     assert single.mode == "sequential" and single.std == 0.0  # an ensemble of one is not batched
+    default = evaluate_synset("ConvNetW32", images, labels, 0.05, data, epochs=0, num_eval=2)
+    assert default.mode == "sequential"  # batched=None: sequential on the CPU (measured faster)
 
 
 # ---- Random baseline and ranks -------------------------------------------------------------

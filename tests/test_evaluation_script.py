@@ -68,7 +68,7 @@ def test_readme_command_from_distill_folder(world):
     done = subprocess.run([sys.executable, "evaluation.py", *args], cwd=ROOT / "distill",
                           env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert re.search(r"^ConvNetW32: \d+\.\d\d \+- \d+\.\d\d over 2 networks \(batched, \d+ s\)$",
+    assert re.search(r"^ConvNetW32: \d+\.\d\d \+- \d+\.\d\d over 2 networks \(sequential, \d+ s\)$",
                      done.stdout, re.MULTILINE), done.stdout  # fmt: skip
     record = json.loads((normal / "eval_best.json").read_text())
     assert record["label_type"] == "soft" and record["zca"] is True
@@ -77,7 +77,7 @@ def test_readme_command_from_distill_folder(world):
     assert set(result) == MODEL_FIELDS
     assert len(result["accs"]) == 2 and result["epochs"] == 2 and result["batch"] == 4
     assert result["lr"] == pytest.approx(0.02) and result["seed"] == 0
-    assert result["device"] == "cpu" and result["mode"] == "batched"
+    assert result["device"] == "cpu" and result["mode"] == "sequential"
     for acc in result["accs"]:  # 9 test images
         assert acc * 9 / 100 == pytest.approx(round(acc * 9 / 100))
 

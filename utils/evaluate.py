@@ -8,7 +8,8 @@ multiplied by 0.1 and the optimizer re-created (momentum buffers start from zero
 networks are tested on `data.images_test` (batches of 256, eval mode, no augmentation); accuracies
 are in percent, with the mean and population std over the `num_eval` networks.
 
-Batched ensembles (the default): the networks of one model train together as one ensemble with
+Batched ensembles (the default on GPUs; `batched=None` picks them there and the sequential mode
+on the CPU, where it measured faster): the networks of one model train together as one ensemble with
 torch.func (stacked parameters and buffers, `functional_call` under `vmap`), and SGD with momentum
 and weight decay is applied to the stacked tensors with the arithmetic of `torch.optim.SGD`.
 BatchNorm running statistics are stacked buffers updated in place inside the vmapped call, so
@@ -534,10 +535,12 @@ class EvalResult:
 
 def _evaluate_networks(
     model_name: str, images: Tensor, labels: Tensor, lr: float, data: Data, indices: list[int],
-    config: TrainConfig, device: torch.device, seed: int, batched: bool,
+    config: TrainConfig, device: torch.device, seed: int, batched: bool | None,
 ) -> tuple[list[float], float, str]:  # fmt: skip
     """Train and test networks `indices` of one model; returns (accuracies, seconds, mode)."""
     start = time.perf_counter()
+    if batched is None:  # measured (scripts/bench/eval_batched.py): batching loses on the CPU
+        batched = device.type != "cpu"
     batched = batched and len(indices) > 1  # an ensemble of one only adds vmap's overhead
     nets = init_networks(model_name, data, seed, indices)
     train_networks(nets, images, labels, lr, data_generators(seed, indices), config,
@@ -571,7 +574,7 @@ def evaluate_synset(
     device: torch.device = torch.device("cpu"),
     seed: int = 0,
     amp: str = "off",
-    batched: bool = True,
+    batched: bool | None = None,
 ) -> EvalResult:
     """Train `num_eval` fresh `model_name` networks on (images, labels) with `lr` and test them
     (ALGORITHMS 8). labels: float [N, C] logits (soft CE) or int [N] classes (CE)."""
@@ -620,7 +623,7 @@ def evaluate_models(
     device: torch.device = torch.device("cpu"),
     seed: int = 0,
     amp: str = "off",
-    batched: bool = True,
+    batched: bool | None = None,
 ) -> list[EvalResult]:
     """`evaluate_synset` for every model. Under torchrun the (model, network) pairs are split
     across ranks (each rank trains its share of a model as one ensemble) and gathered over gloo;
