@@ -15,8 +15,8 @@ and weight decay is applied to the stacked tensors with the arithmetic of `torch
 BatchNorm running statistics are stacked buffers updated in place inside the vmapped call, so
 BatchNorm models train batched too, each network with its own statistics. `batched=False` trains
 the same networks one after the other with `torch.optim.SGD` and the plain modules, and so does
-an evaluation of a single network (an ensemble of one only adds vmap's overhead). Batching pays
-where per-operation overhead dominates (GPUs); on the 2-core CPU of our benchmark
+an evaluation of a single network (an ensemble of one only adds vmap's overhead). Batching is meant
+for GPUs, where per-operation overhead dominates (not measured here); on the 2-core CPU of our benchmark
 (scripts/bench/eval_batched.py) one thread per process and batched=False were fastest.
 
 amp="bf16": torch.autocast(bfloat16) around the forward passes in the sequential mode; in the
