@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # CPU-scale Random vs PAD on Fashion-MNIST, ConvNetW32, IPC 1 and 10, seeds 0 1 2 (SEEDS=...).
 #   bash scripts/cpu/fashionmnist.sh [DATA_DIR]   (default: Debian's dataset-fashion-mnist)
+#   IPCS=1 bash scripts/cpu/fashionmnist.sh       (IPC 1 only)
 # Outputs in runs/cpu/fashionmnist/. Expected time on a 2-core machine: not measured yet as a
 # whole (one PAD distillation took 222 s at IPC 1 and 1984 s at IPC 10, under load).
 source "$(dirname "$0")/common.sh"
@@ -13,7 +14,8 @@ mkdir -p "$OUT"
 experts buffer_cl FashionMNIST ConvNetW32 500 "" --sort_method "$OUT/FashionMNIST_GraNd.pt" \
   --init_ratio 0.75 --add_end_epoch 2 --rm_epoch_first 3 --rm_epoch_second 4 \
   --rm_easy_ratio_first 0.1 --rm_easy_ratio_second 0.2
-for ipc in 1 10; do
+IPCS=${IPCS:-"1 10"}
+for ipc in $IPCS; do
   for seed in $SEEDS; do
     evaluate "random$ipc-s$seed" "$seed" FashionMNIST ConvNetW32 "" --random_ipc "$ipc" --lr_net 0.01
     distill PAD_depth.py "configs/cpu/FashionMNIST_IPC${ipc}_ConvNetW32.yaml" buffer_cl \
@@ -21,4 +23,5 @@ for ipc in 1 10; do
     evaluate_run "pad$ipc-s$seed" "$seed" FashionMNIST "$ipc" ConvNetW32 ""
   done
 done
-summary random1 pad1 random10 pad10 | tee "$OUT/summary.txt"
+methods=(); for ipc in $IPCS; do methods+=("random$ipc" "pad$ipc"); done
+summary "${methods[@]}" | tee "$OUT/summary.txt"
