@@ -2,8 +2,9 @@
 # CPU-scale Random vs PAD on Fashion-MNIST, ConvNetW32, IPC 1 and 10, seeds 0 1 2 (SEEDS=...).
 #   bash scripts/cpu/fashionmnist.sh [DATA_DIR]   (default: Debian's dataset-fashion-mnist)
 #   IPCS=1 bash scripts/cpu/fashionmnist.sh       (IPC 1 only)
-# Outputs in runs/cpu/fashionmnist/. Expected time on a 2-core machine: not measured yet as a
-# whole (one PAD distillation took 222 s at IPC 1 and 1984 s at IPC 10, under load).
+# Outputs in runs/cpu/fashionmnist/. Measured on the 2-core machine (2026-11-25, other jobs
+# running): IPCS=1 took 18 min 24 s for 3 seeds; IPC 10 is not measured as a whole (one PAD
+# distillation at IPC 10 took 1984 s under load), so the full recipe takes a few hours.
 source "$(dirname "$0")/common.sh"
 DATA=${1:-$REPO/dataset}
 OUT="$REPO/runs/cpu/fashionmnist"
