@@ -12,13 +12,14 @@ DEVICE="${DEVICE:-auto}"
 NUM_EXPERTS="${NUM_EXPERTS:-100}"
 NPROC="${NPROC:-1}"
 
-# score DATASET INDEX_NAME [DATA_PATH]: GraNd difficulty file data_indices/<INDEX_NAME>.pt
-# (DeepCore's protocol: ResNet18, 40 epochs, 10 repeats; resumes per repeat).
+# score DATASET INDEX_NAME [DATA_PATH] [MODEL]: GraNd difficulty file data_indices/<INDEX_NAME>.pt
+# (DeepCore's protocol: ResNet18, 40 epochs, 10 repeats; resumes per repeat; Tiny's 64x64
+# images need the ResNet18_Tiny variant).
 score() {
-  local dataset=$1 name=$2 data_path=${3:-$DATA_ROOT}
+  local dataset=$1 name=$2 data_path=${3:-$DATA_ROOT} model=${4:-ResNet18}
   if [ -f "data_indices/$name.pt" ]; then echo "have data_indices/$name.pt"; return; fi
   "$PYTHON" buffer/rank_difficulty.py --dataset "$dataset" --data_path "$data_path" \
-    --method GraNd --name "$name" --device "$DEVICE"
+    --method GraNd --model "$model" --name "$name" --device "$DEVICE"
 }
 
 # experts DATASET MODEL INDEX_NAME [DATA_PATH]: 100 curriculum experts with the README's flags.

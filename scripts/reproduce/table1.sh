@@ -31,7 +31,8 @@ config="configs/$folder/ConvIN/IPC$ipc.yaml"
 DATA_PATH_FOR_DISTILL=$data
 entry=PAD_depth.py; [ "$mask" = loss ] && entry=PAD_loss.py
 
-score "$dataset" "$index" "$data"
+score_model=ResNet18; [ "$dataset" = Tiny ] && score_model=ResNet18_Tiny
+score "$dataset" "$index" "$data" "$score_model"
 experts "$dataset" "$model" "$index" "$data"
 distill "$entry" "$config" "table1-$mask"
 evaluate "$dataset" "$ipc" "$model" "table1-$mask" S
