@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchvision.io import write_png
 
 from distill import evaluation
 from utils.io import UserError
+
+from conftest import make_color_image_folder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES, SIZE = 3, 16
@@ -22,15 +23,7 @@ MODEL_FIELDS = {"accs", "mean", "std", "epochs", "lr", "batch", "seed", "device"
 def world(tmp_path_factory):
     """The data set, and a distilled set saved the way the authors' code saves it."""
     root = tmp_path_factory.mktemp("eval_world")
-    generator = torch.Generator().manual_seed(0)
-    for split, count in (("train", 5), ("test", 3)):
-        for c in range(CLASSES):
-            folder = root / "data" / split / f"class{c}"
-            folder.mkdir(parents=True)
-            for i in range(count):
-                image = torch.randint(0, 256, (3, SIZE, SIZE), generator=generator)
-                image[c] = image[c] // 2 + 128
-                write_png(image.to(torch.uint8), str(folder / f"{i}.png"))
+    make_color_image_folder(root / "data", CLASSES, SIZE, {"train": 5, "test": 3})
     normal = root / "Normal"
     normal.mkdir()
     torch.save(torch.randn(6, 3, SIZE, SIZE, requires_grad=True), normal / "images_best.pt")

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchvision.io import write_png
 
 from distill import pad
 from utils.config import load_config
@@ -21,6 +20,8 @@ from utils.networks import get_network
 from utils.synset import StartEpochSchedule
 from utils.trajectory import expert_dir, flatten_params, save_expert_file
 
+from conftest import make_color_image_folder  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL, SIZE, CLASSES = "ConvNetW32", 16, 3
 
@@ -29,15 +30,7 @@ MODEL, SIZE, CLASSES = "ConvNetW32", 16, 3
 def world(tmp_path_factory):
     """A 3-class 16x16 ImageFolder (8 train, 4 test images per class) and a cache folder."""
     root = tmp_path_factory.mktemp("world")
-    generator = torch.Generator().manual_seed(0)
-    for split, count in (("train", 8), ("test", 4)):
-        for c in range(CLASSES):
-            folder = root / "data" / split / f"class{c}"
-            folder.mkdir(parents=True)
-            for i in range(count):
-                image = torch.randint(0, 256, (3, SIZE, SIZE), generator=generator)
-                image[c] = image[c] // 2 + 128  # a class-dependent colour cast
-                write_png(image.to(torch.uint8), str(folder / f"{i}.png"))
+    make_color_image_folder(root / "data", CLASSES, SIZE, {"train": 8, "test": 4})
     return root
 
 

@@ -559,6 +559,18 @@ def _result(model_name: str, accs: list[float], seconds: float, lr: float, mode:
     )  # fmt: skip
 
 
+def _checked_setup(
+    images: Tensor, labels: Tensor, lr: float, data: Data, model_names: Sequence[str],
+    epochs: int, batch_train: int, num_eval: int, amp: str, seed: int, dsa: bool,
+    dsa_strategy: str,
+) -> tuple[float, TrainConfig]:  # fmt: skip
+    """Validate an evaluation's inputs (UserError on a mistake); its lr and training config."""
+    lr = check_synset(images, labels, lr, data)
+    _check_options(epochs, batch_train, num_eval, amp, seed, dsa, dsa_strategy)
+    check_model_names(model_names)
+    return lr, TrainConfig(epochs, batch_train, dsa, dsa_strategy, amp)
+
+
 def evaluate_synset(
     model_name: str,
     images: Tensor,
@@ -578,10 +590,8 @@ def evaluate_synset(
 ) -> EvalResult:
     """Train `num_eval` fresh `model_name` networks on (images, labels) with `lr` and test them
     (ALGORITHMS 8). labels: float [N, C] logits (soft CE) or int [N] classes (CE)."""
-    lr = check_synset(images, labels, lr, data)
-    _check_options(epochs, batch_train, num_eval, amp, seed, dsa, dsa_strategy)
-    check_model_names([model_name])
-    config = TrainConfig(epochs, batch_train, dsa, dsa_strategy, amp)
+    lr, config = _checked_setup(images, labels, lr, data, [model_name], epochs, batch_train,
+                                num_eval, amp, seed, dsa, dsa_strategy)  # fmt: skip
     accs, seconds, mode = _evaluate_networks(
         model_name, images, labels, lr, data, list(range(num_eval)), config, device, seed, batched
     )
@@ -629,10 +639,8 @@ def evaluate_models(
     across ranks (each rank trains its share of a model as one ensemble) and gathered over gloo;
     every rank returns the full results. `seconds` is then the slowest rank's time on the model.
     A network's accuracy does not depend on the number of ranks (see the module docstring)."""
-    lr = check_synset(images, labels, lr, data)
-    _check_options(epochs, batch_train, num_eval, amp, seed, dsa, dsa_strategy)
-    check_model_names(model_names)
-    config = TrainConfig(epochs, batch_train, dsa, dsa_strategy, amp)
+    lr, config = _checked_setup(images, labels, lr, data, model_names, epochs, batch_train,
+                                num_eval, amp, seed, dsa, dsa_strategy)  # fmt: skip
     rank, world = rank_and_world()
     mine = assign_networks(model_names, num_eval, rank, world)
     local = {}
