@@ -1,4 +1,4 @@
-"""Distillation configuration: the defaults table of ALGORITHMS 9, YAML files and command-line overrides.
+"""Distillation configuration: ALGORITHMS 9's defaults table, YAML files and command-line overrides.
 
 Precedence: defaults < `--cfg file.yaml` < `--key value` on the command line. Every key has one
 type, taken from this table; a YAML key that is not in the table, a key written twice, or a value
@@ -135,7 +135,7 @@ def _suggest(key: str) -> str:
 
 
 def coerce(key: str, value: Any, origin: str) -> Any:
-    """Check `value` against the type of `key`; return it converted (int -> float, '1e-5' -> float)."""
+    """Check `value` against the type of `key`; return it converted (int->float, '1e-5'->float)."""
     if key not in SCHEMA:
         raise UserError(f"unknown config key {key!r} in {origin}{_suggest(key)}")
     _, kind = SCHEMA[key]
@@ -235,7 +235,7 @@ def load_config(cfg_path: str | None, overrides: list[str] | None = None) -> Sim
 
 
 def parse_config_args(argv: list[str] | None, description: str = "") -> SimpleNamespace:
-    """Command line of the distillation scripts: `--cfg file.yaml` plus `--key value` for any key."""
+    """Distillation scripts' command line: `--cfg file.yaml` plus `--key value` for any key."""
     parser = argparse.ArgumentParser(
         description=description,
         epilog="Any key of the config table can be given as --key value (ALGORITHMS 9).",

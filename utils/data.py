@@ -153,9 +153,7 @@ class Data:
 
     def indices_class(self) -> list[Tensor]:
         """Per class, the ascending int64 indices of its images in `images_train`."""
-        return [
-            torch.nonzero(self.labels_train == c).flatten() for c in range(self.num_classes)
-        ]
+        return [torch.nonzero(self.labels_train == c).flatten() for c in range(self.num_classes)]
 
     def to_viewable(self, images: Tensor) -> Tensor:
         """Map preprocessed images back to pixel space (about [0, 1]): inverse ZCA or x*std+mean."""
@@ -360,7 +358,9 @@ def _decode_files(
         size = tuple(images[0].shape[1:])
     resized = sum(tuple(image.shape[1:]) != size for image in images)
     if resized:
-        warnings.warn(f"{desc}: {resized} images are not {size[0]}x{size[1]}; resized to it")
+        warnings.warn(
+            f"{desc}: {resized} images are not {size[0]}x{size[1]}; resized to it", stacklevel=2
+        )
     out = torch.empty((len(images), channels, *size), dtype=torch.uint8)
     for i, image in enumerate(images):
         out[i] = _fit_image(image, channels, size)

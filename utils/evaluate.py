@@ -16,8 +16,8 @@ BatchNorm running statistics are stacked buffers updated in place inside the vma
 BatchNorm models train batched too, each network with its own statistics. `batched=False` trains
 the same networks one after the other with `torch.optim.SGD` and the plain modules, and so does
 an evaluation of a single network (an ensemble of one only adds vmap's overhead). Batching is meant
-for GPUs, where per-operation overhead dominates (not measured here); on the 2-core CPU of our benchmark
-(scripts/bench/eval_batched.py) one thread per process and batched=False were fastest.
+for GPUs, where per-operation overhead dominates (not measured here); on the 2-core CPU of our
+benchmark (scripts/bench/eval_batched.py) one thread per process and batched=False were fastest.
 
 amp="bf16": torch.autocast(bfloat16) around the forward passes in the sequential mode; in the
 batched mode the inputs of convolutions and matrix products are cast to bfloat16 instead, because
@@ -64,6 +64,7 @@ WEIGHT_DECAY = 5e-4
 LR_DECAY = 0.1
 TEST_BATCH = 256
 AMP_MODES = ("off", "bf16")
+CPU = torch.device("cpu")  # default device (a module-level constant, not a call in a default)
 
 # ---------------------------------------------------------------------------------------------
 # Evaluation pools (ALGORITHMS 3, REFERENCE_NOTES 7.3)
@@ -382,7 +383,7 @@ def train_networks(
     generators: Sequence[torch.Generator],
     config: TrainConfig,
     *,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device = CPU,
     batched: bool = True,
     desc: str = "eval",
 ) -> TrainHistory:
@@ -413,7 +414,10 @@ def _train_batched(nets, images, labels, lr, generators, config, device, desc) -
         batch_losses = []
         for step in range(len(orders[0])):
             x = torch.stack(
-                [_augment(images[o[step]], g, config) for o, g in zip(orders, generators)]
+                [
+                    _augment(images[o[step]], g, config)
+                    for o, g in zip(orders, generators, strict=True)
+                ]
             )  # [M, B, C, H, W]
             with _autocast(device, config.amp, batched=True):
                 logits = ensemble(x)
@@ -436,7 +440,7 @@ def _train_sequential(nets, images, labels, lr, generators, config, device, desc
     history = TrainHistory()
     losses = torch.zeros(config.epochs + 1, len(nets))
     progress = tqdm(total=len(nets) * (config.epochs + 1), desc=desc, disable=None, leave=False)
-    for k, (net, g) in enumerate(zip(nets, generators)):
+    for k, (net, g) in enumerate(zip(nets, generators, strict=True)):
         net_lr = lr
         optimizer = _sgd(net, net_lr)
         for ep in range(config.epochs + 1):
@@ -495,7 +499,7 @@ def _logit_batches(
 
 
 def network_logits(
-    nets: Sequence[nn.Module], images: Tensor, *, device: torch.device = torch.device("cpu"),
+    nets: Sequence[nn.Module], images: Tensor, *, device: torch.device = CPU,
     amp: str = "off", batched: bool = True, batch: int = TEST_BATCH,
 ) -> Tensor:  # fmt: skip
     """Logits [M, N, classes] of every network on `images` (eval mode, no augmentation)."""
@@ -505,7 +509,7 @@ def network_logits(
 
 def networks_accuracy(
     nets: Sequence[nn.Module], images: Tensor, labels: Tensor, *,
-    device: torch.device = torch.device("cpu"), amp: str = "off", batched: bool = True,
+    device: torch.device = CPU, amp: str = "off", batched: bool = True,
     batch: int = TEST_BATCH,
 ) -> list[float]:  # fmt: skip
     """Accuracy in percent of every network on (images, int labels [N])."""
@@ -583,7 +587,7 @@ def evaluate_synset(
     dsa: bool = True,
     dsa_strategy: str = DSA_STRATEGY,
     num_eval: int = 1,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device = CPU,
     seed: int = 0,
     amp: str = "off",
     batched: bool | None = None,
@@ -630,7 +634,7 @@ def evaluate_models(
     dsa: bool = True,
     dsa_strategy: str = DSA_STRATEGY,
     num_eval: int = 1,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device = CPU,
     seed: int = 0,
     amp: str = "off",
     batched: bool | None = None,
@@ -648,7 +652,7 @@ def evaluate_models(
         accs, seconds, mode = _evaluate_networks(
             name, images, labels, lr, data, indices, config, device, seed, batched
         )
-        local[name] = (dict(zip(indices, accs)), seconds, mode)
+        local[name] = (dict(zip(indices, accs, strict=True)), seconds, mode)
     shares = _gather(local, world)
     results = []
     for name in model_names:

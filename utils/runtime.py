@@ -18,7 +18,7 @@ def repo_root() -> Path:
 
 
 def resolve_device(spec: str | int | list | None = "auto") -> torch.device:
-    """Map `auto|cpu|cuda|cuda:N` (or a config's GPU id list) to a device; CPU when CUDA is absent."""
+    """Map `auto|cpu|cuda|cuda:N` (or a config's GPU id list) to a device; CPU if CUDA is absent."""
     if spec is None or spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if isinstance(spec, list):  # the reference's `device: [0, 1]`: GPU ids; we use the first
@@ -30,11 +30,11 @@ def resolve_device(spec: str | int | list | None = "auto") -> torch.device:
     try:
         device = torch.device(spec)
     except (RuntimeError, TypeError) as exc:
-        raise UserError(
-            f"unknown device {spec!r}: expected auto, cpu, cuda or cuda:N"
-        ) from exc
+        raise UserError(f"unknown device {spec!r}: expected auto, cpu, cuda or cuda:N") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        warnings.warn(f"device {spec!r} asked for but CUDA is not available; running on CPU")
+        warnings.warn(
+            f"device {spec!r} asked for but CUDA is not available; running on CPU", stacklevel=2
+        )
         return torch.device("cpu")
     if device.type == "cuda" and device.index is not None:
         if device.index >= torch.cuda.device_count():

@@ -95,7 +95,7 @@ def plot_curves(
     from utils.io import atomic_write
 
     fig, axes = plt.subplots(len(series), 1, figsize=(7, 2.6 * len(series)), squeeze=False)
-    for ax, (name, values) in zip(axes[:, 0], series.items()):
+    for ax, (name, values) in zip(axes[:, 0], series.items(), strict=True):
         ax.plot(x[: len(values)], values, linewidth=1)
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
@@ -136,7 +136,7 @@ class Tracker:
             try:
                 self.wandb_run.log({k: v for k, v in record.items() if _is_number(v)}, step=step)
             except Exception as exc:  # never let tracking kill a run
-                warnings.warn(f"wandb logging failed, continuing without it: {exc}")
+                warnings.warn(f"wandb logging failed, continuing without it: {exc}", stacklevel=2)
                 self.wandb_run = None
 
     def image(self, key: str, path: str | os.PathLike, step: int | None = None) -> None:
@@ -146,7 +146,9 @@ class Tracker:
 
                 self.wandb_run.log({key: wandb.Image(str(path))}, step=step)
             except Exception as exc:
-                warnings.warn(f"wandb image logging failed, continuing without it: {exc}")
+                warnings.warn(
+                    f"wandb image logging failed, continuing without it: {exc}", stacklevel=2
+                )
                 self.wandb_run = None
 
     def finish(self) -> None:
@@ -154,7 +156,7 @@ class Tracker:
             try:
                 self.wandb_run.finish()
             except Exception as exc:
-                warnings.warn(f"wandb finish failed: {exc}")
+                warnings.warn(f"wandb finish failed: {exc}", stacklevel=2)
             self.wandb_run = None
 
 
@@ -175,5 +177,5 @@ def _start_wandb(mode: str, project: str, name: str | None, config: Any, run_dir
             reinit=True,
         )
     except Exception as exc:
-        warnings.warn(f"wandb could not start ({exc}); writing local files only")
+        warnings.warn(f"wandb could not start ({exc}); writing local files only", stacklevel=2)
         return None
