@@ -232,9 +232,23 @@ def _match_recompute(
     # w_0..w_{N-1} in one block; w_N is only needed for L and dL/dw_N.
     ws = torch.empty((steps, w_start.numel()), dtype=w_start.dtype, device=w_start.device)
     ws[0] = w_start
-    for i, (idx, aug) in enumerate(zip(plan.batches, plan.aug, strict=True)):
+    grad_image = torch.zeros_like(images) if image_syn.requires_grad else None
+    grad_label = torch.zeros_like(labels) if label_syn.requires_grad else None
+    grad_lr = torch.zeros_like(lr) if syn_lr.requires_grad else None
+
+    def step_graph(i: int, create_graph: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        idx, aug = plan.batches[i], plan.aug[i]
         w = ws[i].detach().requires_grad_(True)
-        (g,) = torch.autograd.grad(_step_loss(student, w, images[idx], labels[idx], aug), w)
+        x = images[idx].requires_grad_(create_graph and grad_image is not None)
+        y = labels[idx].requires_grad_(create_graph and grad_label is not None)
+        loss_i = _step_loss(student, w, x, y, aug)
+        (g,) = torch.autograd.grad(loss_i, w, create_graph=create_graph)
+        return g, w, x, y
+
+    # The last step's graph is built with create_graph during the unroll and kept: the walk
+    # back starts with it instead of rebuilding it (one step fewer to recompute).
+    for i in range(steps):
+        g, w, x, y = step_graph(i, create_graph=i == steps - 1)
         with torch.no_grad():
             w_next = ws[i] - lr * g  # the same expression as graph mode, so the same rounding
             if i + 1 < steps:
@@ -246,15 +260,10 @@ def _match_recompute(
     (adjoint,) = torch.autograd.grad(loss, w_end)  # a_N = dL/dw_N
     del w_end, w_next
 
-    grad_image = torch.zeros_like(images) if image_syn.requires_grad else None
-    grad_label = torch.zeros_like(labels) if label_syn.requires_grad else None
-    grad_lr = torch.zeros_like(lr) if syn_lr.requires_grad else None
     for i in reversed(range(steps)):
-        idx, aug = plan.batches[i], plan.aug[i]
-        w = ws[i].detach().requires_grad_(True)
-        x = images[idx].requires_grad_(grad_image is not None)
-        y = labels[idx].requires_grad_(grad_label is not None)
-        (g,) = torch.autograd.grad(_step_loss(student, w, x, y, aug), w, create_graph=True)
+        if i < steps - 1:
+            g, w, x, y = step_graph(i, create_graph=True)
+        idx = plan.batches[i]
         # w_{i+1} = w_i - lr * g(w_i, x, y): the vector-Jacobian product with a_{i+1} gives
         # d/dlr = -g.a and d/d(w_i, x, y) = (a_{i+1}, 0, 0) + d(g . (-lr a_{i+1}))/d(w_i, x, y).
         if grad_lr is not None:
