@@ -27,6 +27,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from flops import peak_train_gflops, train_gflop_per_image  # noqa: E402
 
 from utils.data import Data, get_dataset  # noqa: E402
 from utils.evaluate import (  # noqa: E402
@@ -39,6 +42,7 @@ from utils.evaluate import (  # noqa: E402
     train_networks,
 )
 from utils.io import UserError, run_main, save_json  # noqa: E402
+from utils.networks import get_network  # noqa: E402
 from utils.runtime import resolve_device  # noqa: E402
 
 MODES = {  # name: (batched, amp)
@@ -130,9 +134,30 @@ def speed_rows(args: argparse.Namespace, modes: list[str], device: torch.device)
                 print_row(model, ipc, "~300", modes, {
                     m: seconds[m] - train[m] + train[m] * 301 / (args.epochs + 1) for m in modes
                 })  # fmt: skip
+            ceiling = compute_bound(model, ipc, args, modes, train)
             rows.append({"model": model, "ipc": ipc, "epochs": args.epochs, "seconds": seconds,
-                         "train_seconds": train})  # fmt: skip
+                         "train_seconds": train, **ceiling})  # fmt: skip
     return rows
+
+
+def compute_bound(model: str, ipc: int, args, modes: list[str], train: dict) -> dict:
+    """How close each mode's training is to the CPU's ceiling for this model.
+
+    Training does a fixed amount of arithmetic, (epochs + 1) passes over 10 * ipc images for
+    num_eval networks, however the networks are grouped; batching can only remove the overhead
+    around it. The ceiling is this machine's float32 GFLOP/s on large plain training batches of
+    the same model, so ceiling / sequential GFLOP/s bounds what any batched float32 mode can gain.
+    """
+    net = get_network(model, 3, 10)
+    per_image = train_gflop_per_image(net, (3, 32, 32))
+    work = (args.epochs + 1) * 10 * ipc * args.num_eval * per_image
+    achieved = {m: work / train[m] for m in modes}
+    ceiling = peak_train_gflops(net, (3, 32, 32))
+    cells = ", ".join(f"{m} {achieved[m]:.1f}" for m in modes)
+    print(f"    training GFLOP/s: {cells}; ceiling (batch 256) {ceiling:.1f}; "
+          f"ceiling / {modes[0]} = {ceiling / achieved[modes[0]]:.2f}x (the most float32 "
+          "batching could gain)", flush=True)  # fmt: skip
+    return {"train_gflops": achieved, "ceiling_gflops": ceiling}
 
 
 def print_row(model: str, ipc: int, epochs, modes: list[str], seconds: dict) -> None:

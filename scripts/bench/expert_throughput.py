@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "buffer"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -30,7 +31,7 @@ import time  # noqa: E402
 
 import buffer_CL  # noqa: E402
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
+from flops import forward_macs  # noqa: E402
 
 from utils.gsam import GSAM  # noqa: E402
 from utils.io import run_main  # noqa: E402
@@ -52,26 +53,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--accuracy_experts", type=int, default=1, help="experts per precision")
     p.add_argument("--skip_accuracy", action="store_true")
     return p.parse_args(argv)
-
-
-def forward_macs(model: nn.Module, x: torch.Tensor) -> int:
-    """Multiply-adds of the Conv2d and Linear layers for one forward pass of x (per batch)."""
-    total = 0
-
-    def count(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        nonlocal total
-        if isinstance(module, nn.Conv2d):
-            kh, kw = module.kernel_size
-            total += output.numel() * (module.in_channels // module.groups) * kh * kw
-        elif isinstance(module, nn.Linear):
-            total += output.numel() * module.in_features
-
-    handles = [m.register_forward_hook(count) for m in model.modules()]
-    with torch.no_grad():
-        model(x)
-    for handle in handles:
-        handle.remove()
-    return total
 
 
 def loop_args(batch: int, amp: str) -> argparse.Namespace:
