@@ -1,4 +1,4 @@
-"""FLOP counting and the CPU's training-throughput ceiling, shared by the benchmarks."""
+"""FLOP counting and large-batch training throughput, shared by the benchmarks."""
 
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ def train_gflop_per_image(model: nn.Module, image_shape: tuple[int, ...]) -> flo
 
 def peak_train_gflops(model: nn.Module, image_shape: tuple[int, ...], batch: int = 256,
                       steps: int = 4) -> float:  # fmt: skip
-    """GFLOP/s of plain large-batch training steps (no augmentation): what this CPU and this
-    PyTorch reach on the model at their best, a ceiling for any batching scheme."""
+    """GFLOP/s of plain large-batch training steps of `model` (float32, no augmentation): the
+    rate this CPU and this PyTorch reach when every operation gets a big batch."""
     x = torch.randn(batch, *image_shape)
     y = torch.randint(0, 10, (batch,))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
