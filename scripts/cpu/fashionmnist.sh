@@ -3,8 +3,9 @@
 #   bash scripts/cpu/fashionmnist.sh [DATA_DIR]   (default: Debian's dataset-fashion-mnist)
 #   IPCS=1 bash scripts/cpu/fashionmnist.sh       (IPC 1 only)
 # Outputs in runs/cpu/fashionmnist/. Measured on the 2-core machine (2026-11-25, other jobs
-# running): IPCS=1 took 18 min 24 s for 3 seeds; IPC 10 is not measured as a whole (one PAD
-# distillation at IPC 10 took 1984 s under load), so the full recipe takes a few hours.
+# running, OMP_NUM_THREADS=1): IPCS=1 took 18 min 24 s for 3 seeds (scores and experts included);
+# the IPC 10 part 101 min for 3 seeds (each distillation 20-40 min, each evaluation 2-3 min),
+# so the whole recipe takes about two hours.
 source "$(dirname "$0")/common.sh"
 DATA=${1:-$REPO/dataset}
 OUT="$REPO/runs/cpu/fashionmnist"
