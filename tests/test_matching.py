@@ -82,9 +82,10 @@ def rel_err(a, b):
 
 @pytest.mark.parametrize("batch_syn", [None, 3])
 @pytest.mark.parametrize("mask", ["none", "depth", "loss"])
-def test_recompute_gives_the_graph_gradient(mask, batch_syn):
+@pytest.mark.parametrize("steps", [1, 2, 5])  # 1: the step kept from the unroll is also the first
+def test_recompute_gives_the_graph_gradient(mask, batch_syn, steps):
     problem = tiny_problem()
-    plan = make_plan(5, batch_syn)  # batch_syn 3 of 8 images: chunks of 2, 3, 3, then 2 again
+    plan = make_plan(steps, batch_syn)  # batch_syn 3 of 8 images: chunks of 2, 3, 3, then 2
     assert all(aug is not None and aug.ops for aug in plan.aug)  # DSA is on
     graph = run("graph", problem, plan, mask=mask, ratio=0.5)
     recompute = run("recompute", problem, plan, mask=mask, ratio=0.5)
