@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from flops import peak_train_gflops, train_gflop_per_image  # noqa: E402
+from flops import large_batch_train_gflops, train_gflop_per_image  # noqa: E402
 
 from utils.data import Data, get_dataset  # noqa: E402
 from utils.evaluate import (  # noqa: E402
@@ -153,7 +153,7 @@ def compute_bound(model: str, ipc: int, args, modes: list[str], train: dict) -> 
     per_image = train_gflop_per_image(net, (3, 32, 32))
     work = (args.epochs + 1) * 10 * ipc * args.num_eval * per_image
     achieved = {m: work / train[m] for m in modes}
-    large_batch = peak_train_gflops(net, (3, 32, 32))
+    large_batch = large_batch_train_gflops(net, (3, 32, 32))
     cells = ", ".join(f"{m} {achieved[m]:.1f}" for m in modes)
     print(f"    training GFLOP/s: {cells}; batch-256 training {large_batch:.1f}; "
           f"batch-256 / {modes[0]} = {large_batch / achieved[modes[0]]:.2f}x",

@@ -33,7 +33,7 @@ def train_gflop_per_image(model: nn.Module, image_shape: tuple[int, ...]) -> flo
     return 3 * 2 * forward_macs(model, torch.zeros(1, *image_shape)) / 1e9
 
 
-def peak_train_gflops(model: nn.Module, image_shape: tuple[int, ...], batch: int = 256,
+def large_batch_train_gflops(model: nn.Module, image_shape: tuple[int, ...], batch: int = 256,
                       steps: int = 4) -> float:  # fmt: skip
     """GFLOP/s of plain large-batch training steps of `model` (float32, no augmentation): the
     rate this CPU and this PyTorch reach when every operation gets a big batch."""
