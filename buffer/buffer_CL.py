@@ -112,6 +112,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="test accuracy every K epochs (0: never)")  # fmt: skip
     p.add_argument("--amp", choices=("off", "bf16"), default="off",
                    help="bf16: bfloat16 autocast (off: the paper's float32)")  # fmt: skip
+    p.add_argument("--compile", type=str2bool, default=False,
+                   help="torch.compile the training forward and backward (faster, float "
+                        "rounding differs slightly; on CPU needs a C++ compiler)")  # fmt: skip
     p.add_argument("--max_per_class", type=int, default=None,
                    help="use the first N train images of each class")  # fmt: skip
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N")
@@ -121,7 +124,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="ablation (buffer_RM): train every epoch without the easiest fraction "
                    "of each class, instead of the curriculum")  # fmt: skip
     p.add_argument("--remove_hard", type=float, default=0.0,
-                   help="ablation (buffer_RM): train every epoch without the hardest fraction")  # fmt: skip
+                   help="ablation (buffer_RM): train every epoch without the hardest "
+                        "fraction")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -306,13 +310,15 @@ def train_expert(
     )
     optimizer = GSAM(model, base, rho=args.rho_max, alpha=args.alpha, adaptive=args.adaptive)
     generator = torch.Generator().manual_seed(data_seed)  # CPU: same draws on every device
+    # Dynamo compiles on the first expert; later ones reuse its code (parameters are inputs).
+    forward = torch.compile(model) if args.compile else model
     trajectory, records = [snapshot_params(model)], []
     epochs = tqdm(range(args.train_epochs), desc=f"expert {k}", leave=False, disable=None)
     for epoch in epochs:
         start = time.perf_counter()
         indices, (drop_easy, keep_upto) = epoch_indices(order, epoch, args, len(data.labels_train))
         loss, acc = train_epoch(
-            model, optimizer, tensors.images_train, tensors.labels_train, indices, args, generator
+            forward, optimizer, tensors.images_train, tensors.labels_train, indices, args, generator
         )
         trajectory.append(snapshot_params(model))
         test_acc = None

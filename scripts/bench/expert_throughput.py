@@ -52,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--accuracy_model", default="ConvNetW32")
     p.add_argument("--accuracy_experts", type=int, default=1, help="experts per precision")
     p.add_argument("--skip_accuracy", action="store_true")
+    p.add_argument("--compile", choices=("off", "on", "both"), default="off",
+                   help="time buffer_CL's --compile (torch.compile) models; both: eager and "
+                        "compiled tables; the accuracy check compiles unless off")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -64,7 +67,9 @@ def loop_args(batch: int, amp: str) -> argparse.Namespace:
 CASES = (("SGD", 0.0, "off"), ("SGD", 0.0, "bf16"), ("GSAM", 0.01, "off"), ("GSAM", 0.01, "bf16"))
 
 
-def model_speeds(name: str, args: argparse.Namespace) -> dict[tuple[str, str], float]:
+def model_speeds(
+    name: str, args: argparse.Namespace, compiled: bool
+) -> dict[tuple[str, str], float]:
     """Images/s of the four (optimizer, amp) cases of one model: batch size / median batch time.
 
     The cases take turns batch by batch, so a burst of load from other processes on a shared
@@ -78,7 +83,8 @@ def model_speeds(name: str, args: argparse.Namespace) -> dict[tuple[str, str], f
         model = get_network(name, 3, 10)
         base = torch.optim.SGD(model.parameters(), lr=0.01)
         optimizer = GSAM(model, base, rho=rho, alpha=0.3 if rho else 0.0, adaptive=True)
-        runs.append((model, optimizer, loop_args(args.batch, amp), torch.Generator()))
+        forward = torch.compile(model) if compiled else model  # compiled in the warm-up
+        runs.append((forward, optimizer, loop_args(args.batch, amp), torch.Generator()))
     seconds = [[] for _ in CASES]
     for step in range(args.warmup + args.batches):
         for (model, optimizer, loop, generator), times in zip(runs, seconds, strict=True):
@@ -95,10 +101,16 @@ def model_speeds(name: str, args: argparse.Namespace) -> dict[tuple[str, str], f
 def throughput_table(args: argparse.Namespace) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), batch {args.batch}, "
           f"median of {args.batches} timed batches after {args.warmup} warm-up")  # fmt: skip
+    for compiled in {"off": [False], "on": [True], "both": [False, True]}[args.compile]:
+        print("\ncompiled (--compile true)" if compiled else "\neager (the default)")
+        speed_table(args, compiled)
+
+
+def speed_table(args: argparse.Namespace, compiled: bool) -> None:
     header = f"{'model':<11} {'optimizer':<9} {'float32 img/s':>13} {'bf16 img/s':>11}"
     print(header + f" {'bf16/fp32':>9} {'GSAM/SGD fp32':>13} {'GSAM/SGD bf16':>13}")
     for name in args.models:
-        speed = model_speeds(name, args)
+        speed = model_speeds(name, args, compiled)
         for optimizer in ("SGD", "GSAM"):
             ratio = speed[optimizer, "bf16"] / speed[optimizer, "off"]
             line = f"{name:<11} {optimizer:<9} {speed[optimizer, 'off']:>13.0f} "
@@ -122,7 +134,8 @@ def accuracy_check(args: argparse.Namespace) -> None:
     """Experts in float32 and in bf16 on the same short setting (README flags, same seeds)."""
     print(f"\naccuracy: {args.accuracy_model}, CIFAR-10 copy at {args.data_path}, --zca, "
           f"{args.max_per_class} images per class, {args.epochs} epochs, "
-          f"{args.accuracy_experts} expert(s) each, README GSAM flags")  # fmt: skip
+          f"{args.accuracy_experts} expert(s) each, README GSAM flags, "
+          f"--compile {args.compile != 'off'}")  # fmt: skip
     results = {}
     for amp in ("off", "bf16"):
         with tempfile.TemporaryDirectory() as buffer:
@@ -132,7 +145,7 @@ def accuracy_check(args: argparse.Namespace) -> None:
                 f"--num_experts={args.accuracy_experts}", f"--train_epochs={args.epochs}",
                 f"--max_per_class={args.max_per_class}", "--rho_max=0.01", "--rho_min=0.01",
                 "--alpha=0.3", "--lr_teacher=0.01", "--mom=0.", "--batch_train=256",
-                f"--test_every={args.epochs}", f"--amp={amp}",
+                f"--test_every={args.epochs}", f"--amp={amp}", f"--compile={args.compile != 'off'}",
             ]  # fmt: skip
             start = time.perf_counter()
             buffer_CL.main(buffer_CL.parse_args(flags))
