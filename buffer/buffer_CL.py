@@ -30,6 +30,7 @@ import argparse  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import shutil  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
@@ -474,10 +475,22 @@ def pick_device(spec: str, world: int) -> torch.device:
     return device
 
 
+def check_compiler(device: torch.device) -> None:
+    """--compile on CPU builds C++ kernels: say so before training instead of failing mid-run."""
+    candidates = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "clang++"]
+    if device.type == "cpu" and not any(shutil.which(c) for c in candidates):
+        raise UserError(
+            f"--compile true on CPU needs a C++ compiler ({' or '.join(candidates)} not found): "
+            "install one (e.g. apt-get install g++) or use --compile false"
+        )
+
+
 def main(args: argparse.Namespace) -> None:
     check_args(args)
     rank, world = distributed_rank()
     device = pick_device(args.device, world)
+    if args.compile:
+        check_compiler(device)
     index_path = index_file_path(args) if args.sort_method else None
     data = get_dataset(
         args.dataset, args.data_path, subset=args.subset, zca=args.zca,

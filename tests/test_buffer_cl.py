@@ -255,6 +255,13 @@ def test_compiled_experts_equal_eager_ones_to_float_rounding(env, first_run, tmp
         assert moved > 1e-2  # the tolerance is far below what training changes
 
 
+def test_compile_without_a_cpp_compiler_is_one_line(env, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler-xyz")
+    message = one_line_error(capsys, argv(env, tmp_path, "--compile", "true"))
+    assert "no-such-compiler-xyz" in message and "--compile false" in message
+    assert not list(tmp_path.rglob("*.pt"))
+
+
 @pytest.mark.parametrize(
     ("flag", "columns"), [("--remove_easy", (2, 8)), ("--remove_hard", (0, 6))]
 )
