@@ -134,13 +134,13 @@ def speed_rows(args: argparse.Namespace, modes: list[str], device: torch.device)
                 print_row(model, ipc, "~300", modes, {
                     m: seconds[m] - train[m] + train[m] * 301 / (args.epochs + 1) for m in modes
                 })  # fmt: skip
-            ceiling = compute_bound(model, ipc, args, modes, train)
+            rates = arithmetic_rates(model, ipc, args, modes, train)
             rows.append({"model": model, "ipc": ipc, "epochs": args.epochs, "seconds": seconds,
-                         "train_seconds": train, **ceiling})  # fmt: skip
+                         "train_seconds": train, **rates})  # fmt: skip
     return rows
 
 
-def compute_bound(model: str, ipc: int, args, modes: list[str], train: dict) -> dict:
+def arithmetic_rates(model: str, ipc: int, args, modes: list[str], train: dict) -> dict:
     """Each mode's training arithmetic rate next to the rate of large training batches.
 
     Training does a fixed amount of arithmetic, (epochs + 1) passes over 10 * ipc images for

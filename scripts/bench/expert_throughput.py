@@ -31,7 +31,7 @@ import time  # noqa: E402
 
 import buffer_CL  # noqa: E402
 import torch  # noqa: E402
-from flops import forward_macs  # noqa: E402
+from flops import train_gflop_per_image  # noqa: E402
 
 from utils.gsam import GSAM  # noqa: E402
 from utils.io import run_main  # noqa: E402
@@ -121,12 +121,11 @@ def speed_table(args: argparse.Namespace, compiled: bool) -> None:
             print(line, flush=True)
         if name == "ConvNet":
             model = get_network(name, 3, 10)
-            macs = forward_macs(model, torch.zeros(1, 3, 32, 32))
-            train_flops = 3 * 2 * macs  # per image: forward + backward (~2x forward)
+            train_flops = train_gflop_per_image(model, (3, 32, 32)) * 1e9  # forward + backward
             for optimizer, factor in (("SGD", 1), ("GSAM", 2)):
                 gflops = speed[optimizer, "off"] * train_flops * factor / 1e9
-                print(f"  ConvNet float32 {optimizer}: {2 * macs / 1e6:.1f} MFLOP forward per "
-                      f"image, {train_flops * factor / 1e6:.0f} MFLOP per trained image, "
+                print(f"  ConvNet float32 {optimizer}: {train_flops / 3 / 1e6:.1f} MFLOP forward "
+                      f"per image, {train_flops * factor / 1e6:.0f} MFLOP per trained image, "
                       f"{gflops:.1f} GFLOP/s achieved")  # fmt: skip
 
 
