@@ -81,3 +81,12 @@ def test_run_main_prints_one_line_and_exits_2(tmp_path):
     assert result.returncode == 2
     assert result.stderr == "error: bad value 7 for --x: expected 1..3\n"
     assert "Traceback" not in result.stderr
+
+
+def test_save_pt_writes_equal_bytes_for_equal_tensors(tmp_path):
+    # torch names the archive inside after the file it writes; atomic writes go through random
+    # temporary names, which must not leak into the file.
+    value = {"x": torch.arange(6.0).reshape(2, 3), "n": torch.tensor(3)}
+    save_pt(value, tmp_path / "a.pt")
+    save_pt(value, tmp_path / "b.pt")
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()

@@ -63,8 +63,10 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def save_pt(obj: Any, path: str | os.PathLike) -> None:
-    with atomic_write(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        # Through a file object the archive inside is always named "archive"; given a path, torch
+        # names it after the (random) temporary file, and equal tensors would give unequal files.
+        torch.save(obj, f)
 
 
 def save_json(obj: Any, path: str | os.PathLike, indent: int = 2) -> None:
