@@ -6,7 +6,16 @@ import textwrap
 import pytest
 import torch
 
-from utils.io import UserError, atomic_write, load_json, load_pt, load_yaml, save_json, save_pt
+from utils.io import (
+    UserError,
+    atomic_write,
+    load_json,
+    load_pt,
+    load_yaml,
+    remove_temporaries,
+    save_json,
+    save_pt,
+)
 
 
 def test_save_pt_round_trip(tmp_path):
@@ -90,3 +99,20 @@ def test_save_pt_writes_equal_bytes_for_equal_tensors(tmp_path):
     save_pt(value, tmp_path / "a.pt")
     save_pt(value, tmp_path / "b.pt")
     assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
+
+
+def test_remove_temporaries_finds_what_a_killed_atomic_write_leaves(tmp_path):
+    with atomic_write(tmp_path / "replay_buffer_1.pt") as tmp:
+        tmp.write_bytes(b"done")
+    # a kill between creating the temporary and renaming it leaves a file of exactly that name
+    leftover = tmp_path / tmp.name
+    leftover.write_bytes(b"half")
+    others = [
+        "replay_buffer_1.pt",
+        ".replay_buffer_10.pt.abcdefgh.tmp",  # another file's temporary
+        "..replay_buffer_1.partial_0.pt.abcdefgh.tmp",  # of `.replay_buffer_1.partial_0.pt`
+    ]
+    for name in others[1:]:
+        (tmp_path / name).write_bytes(b"")
+    assert remove_temporaries(tmp_path, "replay_buffer_1.*") == [leftover]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(others)

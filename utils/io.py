@@ -25,12 +25,31 @@ class UserError(Exception):
     """A mistake the user can fix (bad flag, missing file, mismatched data); one line, exit 2."""
 
 
+def _temporary_affixes(name: str) -> tuple[str, str]:
+    """Prefix and suffix of atomic_write's temporary files for a target called `name`:
+    `.<name>.<random>.tmp`, hidden, in the target's folder."""
+    return f".{name}.", ".tmp"
+
+
+def remove_temporaries(folder: str | os.PathLike, name: str) -> list[Path]:
+    """Delete the temporary files that interrupted atomic writes of `folder/<name>` left behind.
+
+    `name` may be a glob pattern (e.g. `replay_buffer_3.*`); returns the files removed.
+    """
+    prefix, suffix = _temporary_affixes(name)
+    stale = sorted(Path(folder).glob(f"{prefix}*{suffix}"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it over `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    prefix, suffix = _temporary_affixes(path.name)
+    fd, tmp_name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
