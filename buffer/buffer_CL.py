@@ -33,7 +33,7 @@ import os  # noqa: E402
 import shutil  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -51,21 +51,20 @@ from utils.difficulty import (  # noqa: E402
     validate_curriculum,
 )
 from utils.gsam import GSAM  # noqa: E402
-from utils.io import UserError, load_pt, run_main, save_pt, save_yaml  # noqa: E402
+from utils.io import UserError, run_main, save_yaml  # noqa: E402
 from utils.networks import MODEL_NAMES, get_network  # noqa: E402
 from utils.runtime import repo_root, resolve_device, seed_everything  # noqa: E402
 from utils.tracking import MetricsLog  # noqa: E402
 from utils.trajectory import (  # noqa: E402
+    FORMAT,
     Expert,
     expert_dir,
     expert_file,
-    load_expert_file,
-    load_sidecar,
-    save_expert_file,
+    finish_expert,
+    plan_files,
     snapshot_params,
 )
 
-FORMAT = "pad-replay-buffer/1"  # sidecar format tag; bump when the meaning of a field changes
 CURRICULUM_KEYS = (
     "init_ratio", "add_end_epoch", "rm_epoch_first", "rm_epoch_second",
     "rm_easy_ratio_first", "rm_easy_ratio_second",
@@ -201,15 +200,6 @@ def run_settings(args: argparse.Namespace, data: Data, order: Tensor | None) -> 
     return json.loads(json.dumps(settings))
 
 
-def settings_mismatch(found: dict, wanted: dict) -> str:
-    keys = sorted(set(found) | set(wanted))
-    return ", ".join(
-        f"{k} {found.get(k)!r} (this run {wanted.get(k)!r})"
-        for k in keys
-        if found.get(k) != wanted.get(k)
-    )
-
-
 # ---------------------------------------------------------------------------------------------
 # Training one expert (ALGORITHMS 6)
 
@@ -342,120 +332,6 @@ def train_expert(
 
 
 # ---------------------------------------------------------------------------------------------
-# Files: which experts exist, which are missing, writing them (ALGORITHMS 6 [fix])
-
-
-def partial_path(folder: Path, number: int, k: int) -> Path:
-    return folder / f".replay_buffer_{number}.partial_{k}.pt"
-
-
-@dataclass
-class FileJob:
-    """File `number` must hold the experts `experts`; `done` holds those already finished."""
-
-    number: int
-    experts: list[int]
-    done: dict[int, Expert] = field(default_factory=dict)
-
-    @property
-    def missing(self) -> list[int]:
-        return [k for k in self.experts if k not in self.done]
-
-
-def check_trajectory(expert: Expert, shapes: list[list[int]], train_epochs: int, where: Path):
-    found = [list(t.shape) for t in expert[0]]
-    if len(expert) != train_epochs + 1 or found != shapes:
-        raise UserError(
-            f"{where} holds experts of {len(expert) - 1} epochs with parameter shapes "
-            f"{found[:3]}..., this run makes {train_epochs} epochs of {shapes[:3]}...: use "
-            "another --buffer_path"
-        )
-
-
-def existing_experts(path: Path, settings: dict, shapes: list, train_epochs: int) -> dict:
-    """The experts already in file `path` ({global index: trajectory}), checked against this run."""
-    if not path.exists():
-        return {}
-    meta = load_sidecar(path)
-    if meta is None or meta.get("format") != FORMAT:
-        raise UserError(
-            f"{path} exists without a {FORMAT} sidecar {path.with_suffix('.json').name}: it was "
-            "not made by this script, so its settings are unknown; use another --buffer_path"
-        )
-    if meta["settings"] != settings:
-        raise UserError(
-            f"{path} was made with other settings: "
-            f"{settings_mismatch(meta['settings'], settings)}; use the same settings or another "
-            "--buffer_path"
-        )
-    # Memory-mapped: only the list structure is read now. When a file is grown (a larger
-    # --num_experts than the run that wrote its last, smaller group) the sidecar may be newer than
-    # the .pt, so the .pt's length says which of the listed experts it holds.
-    experts = load_expert_file(path, mmap=True)
-    check_trajectory(experts[0], shapes, train_epochs, path)
-    return dict(zip(meta["experts"][: len(experts)], experts, strict=True))
-
-
-def load_partials(folder: Path, job: FileJob, settings: dict, shapes: list, train_epochs: int):
-    for k in job.missing:
-        path = partial_path(folder, job.number, k)
-        if not path.exists():
-            continue
-        state = load_pt(path, what="partial expert")
-        if state["settings"] != settings or state["expert"] != k:
-            raise UserError(
-                f"{path} was made with other settings "
-                f"({settings_mismatch(state['settings'], settings)}): delete it or rerun with them"
-            )
-        check_trajectory(state["trajectory"], shapes, train_epochs, path)
-        job.done[k] = state["trajectory"]
-
-
-def remove_stale_temporaries(folder: Path, number: int) -> None:
-    """Temporary files of atomic writes a killed run of this file left behind."""
-    for pattern in (f".replay_buffer_{number}.*.tmp", f"..replay_buffer_{number}.partial_*.tmp"):
-        for path in folder.glob(pattern):
-            path.unlink(missing_ok=True)
-
-
-def plan_files(
-    folder: Path, args: argparse.Namespace, rank: int, world: int, settings: dict, shapes: list
-) -> list[FileJob]:
-    """This rank's files that still lack experts, with what is already done loaded."""
-    jobs = []
-    num_files = -(-args.num_experts // args.save_interval)
-    for number in range(rank, num_files, world):
-        first = number * args.save_interval
-        job = FileJob(number, list(range(first, min(first + args.save_interval, args.num_experts))))
-        remove_stale_temporaries(folder, number)
-        path = expert_file(folder, number)
-        job.done.update(existing_experts(path, settings, shapes, args.train_epochs))
-        if not job.missing:  # complete; a kill after its write may have left partials
-            for k in job.experts:
-                partial_path(folder, number, k).unlink(missing_ok=True)
-            continue
-        load_partials(folder, job, settings, shapes, args.train_epochs)
-        jobs.append(job)
-    return jobs
-
-
-def finish_expert(folder: Path, job: FileJob, k: int, trajectory: Expert, meta: dict) -> None:
-    """Keep a finished expert: the whole file once complete, else a partial checkpoint."""
-    job.done[k] = trajectory
-    if job.missing:
-        save_pt({"expert": k, "settings": meta["settings"], "trajectory": trajectory},
-                partial_path(folder, job.number, k))  # fmt: skip
-        return
-    path = expert_file(folder, job.number)
-    meta = {**meta, "file": job.number, "experts": job.experts,
-            "seeds": [meta["settings"]["seed"] + i for i in job.experts]}  # fmt: skip
-    save_expert_file(path, [job.done[i] for i in job.experts], meta)
-    for i in job.experts:
-        partial_path(folder, job.number, i).unlink(missing_ok=True)
-    tqdm.write(f"wrote {path} ({len(job.experts)} experts)")
-
-
-# ---------------------------------------------------------------------------------------------
 
 
 def distributed_rank() -> tuple[int, int]:
@@ -475,6 +351,18 @@ def pick_device(spec: str, world: int) -> torch.device:
     return device
 
 
+def sidecar_meta(
+    settings: dict, shapes: list, rank: int, world: int, device: torch.device, index_path
+) -> dict:
+    """What the JSON sidecar of every file this process writes records besides its experts."""
+    return {
+        "format": FORMAT, "settings": settings, "param_shapes": shapes,
+        "num_params": int(sum(np.prod(s) for s in shapes)), "rank": rank, "world_size": world,
+        "device": str(device), "torch": torch.__version__,
+        "index_file": str(index_path.resolve()) if index_path else None,
+    }  # fmt: skip
+
+
 def check_compiler(device: torch.device) -> None:
     """--compile on CPU builds C++ kernels: say so before training instead of failing mid-run."""
     candidates = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "clang++"]
@@ -486,12 +374,15 @@ def check_compiler(device: torch.device) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
+    # ---- arguments ---------------------------------------------------------------------------
     check_args(args)
     rank, world = distributed_rank()
     device = pick_device(args.device, world)
     if args.compile:
         check_compiler(device)
     index_path = index_file_path(args) if args.sort_method else None
+
+    # ---- set-up: data, curriculum order, and the experts already on disk ---------------------
     data = get_dataset(
         args.dataset, args.data_path, subset=args.subset, zca=args.zca,
         max_per_class=args.max_per_class,
@@ -508,7 +399,7 @@ def main(args: argparse.Namespace) -> None:
     folder = expert_dir(args.buffer_path, args.dataset, args.model, args.zca, args.subset, args.res)
     folder.mkdir(parents=True, exist_ok=True)
     settings = run_settings(args, data, order)
-    jobs = plan_files(folder, args, rank, world, settings, shapes)
+    jobs = plan_files(folder, args.num_experts, settings, shapes, rank, world)
     if rank == 0:
         save_yaml(vars(args), folder / "config.yaml")
     todo = [(job, k) for job in jobs for k in job.missing]
@@ -522,23 +413,24 @@ def main(args: argparse.Namespace) -> None:
         data.images_test.to(device), data.labels_test.to(device),
     )  # fmt: skip
     metrics = MetricsLog(folder / "metrics.jsonl")
-    meta = {
-        "format": FORMAT, "settings": settings, "param_shapes": shapes,
-        "num_params": int(sum(np.prod(s) for s in shapes)), "rank": rank, "world_size": world,
-        "device": str(device), "torch": torch.__version__,
-        "index_file": str(index_path.resolve()) if index_path else None,
-    }  # fmt: skip
+    meta = sidecar_meta(settings, shapes, rank, world, device, index_path)
+
+    # ---- the loop: one expert at a time, kept as soon as it is finished ----------------------
     for job, k in tqdm(todo, desc="experts", disable=None):
         start = time.perf_counter()
         extra = {"file": job.number, "rank": rank}
         trajectory, records = train_expert(k, data, tensors, order, args, metrics, extra)
-        finish_expert(folder, job, k, trajectory, meta)
+        written = finish_expert(folder, job, k, trajectory, meta)
+        if written is not None:
+            tqdm.write(f"wrote {written} ({len(job.experts)} experts)")
         tests = [r["test_acc"] for r in records if r["test_acc"] is not None]
         tqdm.write(
             f"expert {k}: train acc {records[-1]['train_acc']:.1f}%"
             + (f", test acc {tests[-1]:.1f}%" if tests else "")
             + f" ({time.perf_counter() - start:.1f} s)"
         )
+
+    # ---- outputs -----------------------------------------------------------------------------
     mine = [expert_file(folder, job.number) for job in jobs]
     print(f"rank {rank}: done; files written: {', '.join(p.name for p in mine) or 'none needed'}")
 

@@ -1,4 +1,5 @@
-"""utils/trajectory.py: expert folders, the reference file format, shape checks, ExpertSampler."""
+"""utils/trajectory.py: expert folders, the reference file format, shape checks, ExpertSampler,
+resuming a buffer."""
 
 import json
 import sys
@@ -21,6 +22,7 @@ from utils.trajectory import (  # noqa: E402
     list_expert_files,
     load_expert_file,
     load_sidecar,
+    plan_files,
     save_expert_file,
     snapshot_params,
     unflatten_params,
@@ -240,3 +242,15 @@ def test_sampler_refuses_empty_or_changed_inputs(tmp_path):
     state = ExpertSampler(files, seed=0).state_dict()
     with pytest.raises(UserError, match="same expert settings"):
         ExpertSampler(files[:2]).load_state_dict(state)
+
+
+def test_plan_files_removes_only_its_own_stale_temporaries(tmp_path):
+    mine = [".replay_buffer_0.pt.a1.tmp", ".replay_buffer_0.json.b2.tmp",
+            "..replay_buffer_0.partial_1.pt.c3.tmp"]  # fmt: skip
+    other_rank = ".replay_buffer_1.pt.d4.tmp"
+    for name in [*mine, other_rank]:
+        (tmp_path / name).write_bytes(b"")
+    settings = {"save_interval": 2, "train_epochs": 1}
+    jobs = plan_files(tmp_path, 4, settings, shapes=[], rank=0, world=2)
+    assert [(job.number, job.missing) for job in jobs] == [(0, [0, 1])]
+    assert [p.name for p in tmp_path.iterdir()] == [other_rank]

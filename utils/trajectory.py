@@ -9,6 +9,7 @@ and the authors' in both directions:
 Anything else about a file (settings, seeds, shapes) goes to the sidecar `replay_buffer_<n>.json`.
 Readers take files 0, 1, 2, ... up to the first missing number. `ExpertSampler` hands out one
 trajectory per distillation iteration (ALGORITHMS 7.1) and can be checkpointed and resumed.
+`plan_files` and `finish_expert` keep the files of a run that trains experts resumable.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from utils.io import UserError, load_json, load_pt, save_json, save_pt
+from utils.io import UserError, load_json, load_pt, remove_temporaries, save_json, save_pt
 
 Snapshot = list[Tensor]
 Expert = list[Snapshot]
@@ -301,3 +303,143 @@ class ExpertSampler:
                 f"expert file {self.files[self.loaded_file]} now holds {len(self.experts)} "
                 f"experts, the checkpoint expected {len(self.expert_order)}: the files changed"
             )
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming a buffer: which experts exist, which are missing, keeping finished ones
+#
+# Expert k of a run belongs to file k // save_interval. A file is written once all its experts
+# are done; until then each finished expert waits in `.replay_buffer_<n>.partial_<k>.pt`. The
+# sidecar's `settings` say what made a file, so a rerun never mixes experts of other settings.
+
+FORMAT = "pad-replay-buffer/1"  # sidecar format tag; bump when the meaning of a field changes
+
+
+def partial_path(folder: Path, number: int, k: int | str) -> Path:
+    """Where finished expert k of the unfinished file `number` waits (k "*": a glob pattern)."""
+    return folder / f".{FILE_PREFIX}{number}.partial_{k}.pt"
+
+
+@dataclass
+class FileJob:
+    """File `number` must hold the experts `experts`; `done` holds those already finished."""
+
+    number: int
+    experts: list[int]
+    done: dict[int, Expert] = field(default_factory=dict)
+
+    @property
+    def missing(self) -> list[int]:
+        return [k for k in self.experts if k not in self.done]
+
+
+def settings_mismatch(found: dict, wanted: dict) -> str:
+    """The keys on which two settings dicts differ, as `key found (this run wanted)`."""
+    keys = sorted(set(found) | set(wanted))
+    return ", ".join(
+        f"{k} {found.get(k)!r} (this run {wanted.get(k)!r})"
+        for k in keys
+        if found.get(k) != wanted.get(k)
+    )
+
+
+def check_trajectory(expert: Expert, shapes: list[list[int]], train_epochs: int, where: Path):
+    """UserError unless `expert` has train_epochs + 1 snapshots of the parameter `shapes`."""
+    found = [list(t.shape) for t in expert[0]]
+    if len(expert) != train_epochs + 1 or found != shapes:
+        raise UserError(
+            f"{where} holds experts of {len(expert) - 1} epochs with parameter shapes "
+            f"{found[:3]}..., this run makes {train_epochs} epochs of {shapes[:3]}...: use "
+            "another --buffer_path"
+        )
+
+
+def existing_experts(path: Path, settings: dict, shapes: list, train_epochs: int) -> dict:
+    """The experts already in file `path` ({global index: trajectory}), checked against this run."""
+    if not path.exists():
+        return {}
+    meta = load_sidecar(path)
+    if meta is None or meta.get("format") != FORMAT:
+        raise UserError(
+            f"{path} exists without a {FORMAT} sidecar {path.with_suffix('.json').name}: it was "
+            "not made by this script, so its settings are unknown; use another --buffer_path"
+        )
+    if meta["settings"] != settings:
+        raise UserError(
+            f"{path} was made with other settings: "
+            f"{settings_mismatch(meta['settings'], settings)}; use the same settings or another "
+            "--buffer_path"
+        )
+    # Memory-mapped: only the list structure is read now. When a file is grown (a larger
+    # --num_experts than the run that wrote its last, smaller group) the sidecar may be newer than
+    # the .pt, so the .pt's length says which of the listed experts it holds.
+    experts = load_expert_file(path, mmap=True)
+    check_trajectory(experts[0], shapes, train_epochs, path)
+    return dict(zip(meta["experts"][: len(experts)], experts, strict=True))
+
+
+def load_partials(
+    folder: Path, job: FileJob, settings: dict, shapes: list, train_epochs: int
+) -> None:
+    """Add to `job.done` the missing experts that wait in partial files."""
+    for k in job.missing:
+        path = partial_path(folder, job.number, k)
+        if not path.exists():
+            continue
+        state = load_pt(path, what="partial expert")
+        if state["settings"] != settings or state["expert"] != k:
+            raise UserError(
+                f"{path} was made with other settings "
+                f"({settings_mismatch(state['settings'], settings)}): delete it or rerun with them"
+            )
+        check_trajectory(state["trajectory"], shapes, train_epochs, path)
+        job.done[k] = state["trajectory"]
+
+
+def remove_stale_temporaries(folder: Path, number: int) -> None:
+    """Temporary files of atomic writes a killed run of file `number` left behind."""
+    path = expert_file(folder, number)
+    for name in (path.name, sidecar_path(path).name, partial_path(folder, number, "*").name):
+        remove_temporaries(folder, name)
+
+
+def plan_files(
+    folder: Path, num_experts: int, settings: dict, shapes: list, rank: int = 0, world: int = 1
+) -> list[FileJob]:
+    """The files of rank `rank` (n % world == rank) that still lack experts, with what is
+    already done loaded; `settings` give save_interval and train_epochs."""
+    save_interval, train_epochs = settings["save_interval"], settings["train_epochs"]
+    jobs = []
+    num_files = -(-num_experts // save_interval)
+    for number in range(rank, num_files, world):
+        first = number * save_interval
+        job = FileJob(number, list(range(first, min(first + save_interval, num_experts))))
+        remove_stale_temporaries(folder, number)
+        path = expert_file(folder, number)
+        job.done.update(existing_experts(path, settings, shapes, train_epochs))
+        if not job.missing:  # complete; a kill after its write may have left partials
+            for k in job.experts:
+                partial_path(folder, number, k).unlink(missing_ok=True)
+            continue
+        load_partials(folder, job, settings, shapes, train_epochs)
+        jobs.append(job)
+    return jobs
+
+
+def finish_expert(
+    folder: Path, job: FileJob, k: int, trajectory: Expert, meta: dict
+) -> Path | None:
+    """Keep a finished expert: the whole file once complete (returns its path), else a partial
+    checkpoint (returns None)."""
+    job.done[k] = trajectory
+    if job.missing:
+        save_pt({"expert": k, "settings": meta["settings"], "trajectory": trajectory},
+                partial_path(folder, job.number, k))  # fmt: skip
+        return None
+    path = expert_file(folder, job.number)
+    meta = {**meta, "file": job.number, "experts": job.experts,
+            "seeds": [meta["settings"]["seed"] + i for i in job.experts]}  # fmt: skip
+    save_expert_file(path, [job.done[i] for i in job.experts], meta)
+    for i in job.experts:
+        partial_path(folder, job.number, i).unlink(missing_ok=True)
+    return path
