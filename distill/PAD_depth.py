@@ -1,5 +1,8 @@
 """PAD with the depth mask: match only the deeper parameters (drop the first depth_ratio of them).
 
+The student's flat parameter vector runs from the first layer to the last, so its first
+depth_ratio coordinates are the shallowest parameters; the matching loss leaves them out.
+
     cd distill
     python PAD_depth.py --cfg ../configs/CIFAR-10/ConvIN/IPC10.yaml
 

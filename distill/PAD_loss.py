@@ -3,6 +3,8 @@
     cd distill
     python PAD_loss.py --cfg ../configs/CIFAR-10/ConvIN/IPC10.yaml
 
+Every iteration ranks the coordinates of the student's parameter vector by their squared distance
+to the expert's target and leaves the loss_ratio of them that are closest out of the loss.
 See distill/pad.py for the outputs, resuming and every option.
 """
 

@@ -47,7 +47,15 @@ from utils.config import DEFAULTS, parse_config_args, save_config  # noqa: E402
 from utils.data import Data, get_dataset  # noqa: E402
 from utils.evaluate import eval_pool, evaluate_synset  # noqa: E402
 from utils.io import UserError, atomic_write, load_pt, run_main, save_pt  # noqa: E402
-from utils.matching import MEMORY_MODES, Student, match_trajectory, plan_inner_steps  # noqa: E402
+from utils.matching import (  # noqa: E402
+    MEMORY_MODES,
+    InnerSteps,
+    Mask,
+    MatchResult,
+    Student,
+    make_mask,
+    match_trajectory,
+)
 from utils.networks import get_network  # noqa: E402
 from utils.runtime import get_rng_state, resolve_device, seed_everything, set_rng_state  # noqa: E402
 from utils.synset import (  # noqa: E402
@@ -55,7 +63,6 @@ from utils.synset import (  # noqa: E402
     StartEpochSchedule,
     check_choice,
     check_ipc,
-    check_ratio,
     check_trajectory_length,
     correctly_predicted_indices,
     expert_logits,
@@ -81,17 +88,20 @@ IDENTITY_KEYS = ("dataset", "subset", "model", "ipc", "zca", "res", "max_per_cla
 CHECKPOINT_VERSION = 1
 
 
-def main(mask: str, argv: list[str] | None = None) -> dict:
-    """Distill with PAD's `mask` ("depth" or "loss"); returns a summary of the run."""
+def main(mask_name: str, argv: list[str] | None = None) -> dict:
+    """Distill with PAD's mask `mask_name` ("depth" or "loss"); returns a summary of the run."""
     # ---- arguments ---------------------------------------------------------------------------
-    cfg = parse_config_args(argv, description=f"PAD distillation, {mask} mask (ALGORITHMS 7)")
-    ratio_key = RATIO_KEYS[mask]
-    ratio = getattr(cfg, ratio_key)
-    check_settings(cfg, ratio_key)
+    cfg = parse_config_args(argv, description=f"PAD distillation, {mask_name} mask (ALGORITHMS 7)")
+    ratio_key = RATIO_KEYS[mask_name]
+    mask = make_mask(mask_name, getattr(cfg, ratio_key), key=ratio_key)
+    check_settings(cfg)
+    inner_steps = InnerSteps(
+        cfg.syn_steps, cfg.batch_syn, augment=cfg.dsa and not cfg.no_aug, strategy=cfg.dsa_strategy
+    )
     schedule = StartEpochSchedule.from_config(cfg)
     schedule.validate(cfg.Iteration)
-    run_dir = run_folder(cfg, mask)
-    checkpoint = read_checkpoint(run_dir, cfg, mask) if cfg.resume else None
+    run_dir = run_folder(cfg, mask.name)
+    checkpoint = read_checkpoint(run_dir, cfg, mask.name) if cfg.resume else None
     if checkpoint is None:
         refuse_existing_run(run_dir)
     folder = expert_dir(cfg.buffer_path, cfg.dataset, cfg.model, cfg.zca, cfg.subset, cfg.res)
@@ -102,67 +112,22 @@ def main(mask: str, argv: list[str] | None = None) -> dict:
 
     # ---- set-up ------------------------------------------------------------------------------
     seed_everything(cfg.seed)
-    # one generator per purpose, so e.g. the evaluation schedule never shifts the start epochs
-    generators = {
-        name: torch.Generator().manual_seed(cfg.seed + k)
-        for k, name in enumerate(("init", "start_epoch", "inner_steps"))
-    }
-    data = get_dataset(
-        cfg.dataset, cfg.data_path, subset=cfg.subset, zca=cfg.zca, max_per_class=cfg.max_per_class
-    )
-    indices_class = data.indices_class()
-    check_ipc(cfg.ipc, indices_class, data.class_names)
-    model = get_network(cfg.model, data.channel, data.num_classes, data.im_size)
-    first_expert = load_expert_file(files[0], mmap=True)[0]
-    check_expert_shapes(first_expert, model, files[0])
-    check_trajectory_length(cfg.max_start_epoch, cfg.expert_epochs, len(first_expert), files[0])
-    student = Student(model.to(device))  # only its architecture: parameters come as flat vectors
-    sampler = ExpertSampler(
-        files,
-        load_all=cfg.load_all,
-        max_files=cfg.max_files,
-        max_experts=cfg.max_experts,
-        seed=cfg.seed,
-        mmap=True,
-    )
-    first_eval = cfg.eval_it if cfg.skip_first_eva else 0
-    eval_its = list(range(first_eval, cfg.Iteration + 1, cfg.eval_it))
+    generators = purpose_generators(cfg.seed)
+    data, indices_class = load_data(cfg)
+    student, sampler = open_experts(cfg, files, data, device)
+    matcher = Matcher(student, sampler, schedule, inner_steps, mask, generators)
+    eval_its = evaluation_iterations(cfg)
     print(
-        f"PAD ({mask} mask, {ratio_key} {ratio}): {cfg.dataset} IPC {cfg.ipc}, {cfg.model} "
-        f"({student.num_params} parameters) on {device}; {len(files)} expert file(s) in "
-        f"{folder}"
+        f"PAD ({mask.name} mask, {ratio_key} {mask.ratio}): {cfg.dataset} IPC {cfg.ipc}, "
+        f"{cfg.model} ({student.num_params} parameters) on {device}; {len(files)} expert "
+        f"file(s) in {folder}"
     )
-
-    # ---- the synthetic set (ALGORITHMS 7.2-7.4) ----------------------------------------------
-    if checkpoint is None:
-        images, labels = initial_synset(
-            cfg, data, indices_class, files, student, device, generators["init"]
-        )
-        syn = SynSet.leaves(images, labels, torch.tensor(cfg.lr_teacher), device)
-    else:
-        syn = SynSet.leaves(
-            checkpoint["image_syn"], checkpoint["label_syn"], checkpoint["syn_lr"], device
-        )
-    optimizers = {
-        "images": torch.optim.SGD([syn.image_syn], lr=cfg.lr_img, momentum=0.5),
-        "lr": torch.optim.SGD([syn.syn_lr], lr=cfg.lr_lr, momentum=0.5),
-        "labels": torch.optim.SGD([syn.label_syn], lr=cfg.lr_y, momentum=cfg.Momentum_y),
-    }
+    syn = synthetic_set(cfg, checkpoint, data, indices_class, files, student, device, generators)
+    optimizers = synset_optimizers(cfg, syn)
     progress = Progress()
     if checkpoint is not None:
         restore(checkpoint, optimizers, generators, sampler, progress)
-
-    (run_dir / "Normal").mkdir(parents=True, exist_ok=True)
-    save_config({key: getattr(cfg, key) for key in DEFAULTS}, run_dir / "config.yaml")
-    if checkpoint is not None:
-        drop_metrics_from(run_dir / "metrics.jsonl", progress.next_iteration)
-    tracker = Tracker(
-        run_dir, wandb_mode=cfg.wandb, project=cfg.project, name=run_dir.name, config=vars(cfg)
-    )
-    eval_models = eval_pool(cfg.eval_mode, cfg.model, data.im_size)
-    run = Run(cfg, data, device, run_dir, tracker, progress, eval_models)
-    resumed = f" (resumed at iteration {progress.next_iteration})" if checkpoint else ""
-    print(f"outputs: {run_dir}{resumed}")
+    run = open_run(cfg, run_dir, checkpoint, data, device, progress)
 
     # ---- the loop: it = 0 .. Iteration (ALGORITHMS 7.5) --------------------------------------
     iterations = range(progress.next_iteration, cfg.Iteration + 1)
@@ -173,60 +138,22 @@ def main(mask: str, argv: list[str] | None = None) -> dict:
                 improved = evaluate(run, it, syn)
                 numbered = improved or it % 1000 == 0 or it == eval_its[-1]
                 write_outputs(run, it, syn, best=improved, numbered=numbered)
-
-            trajectory = sampler.next()  # step 1
-            start_epoch = schedule.sample(it, generators["start_epoch"])  # step 2
-            where = sampler.current_file or folder
-            check_trajectory_length(cfg.max_start_epoch, cfg.expert_epochs, len(trajectory), where)
-            w_start = flatten_params(trajectory[start_epoch]).to(device)  # step 3
-            target = flatten_params(trajectory[start_epoch + cfg.expert_epochs]).to(device)
-            plan = plan_inner_steps(
-                len(syn.image_syn), cfg.syn_steps, cfg.batch_syn, data.im_size,
-                augment=cfg.dsa and not cfg.no_aug, strategy=cfg.dsa_strategy,
-                generator=generators["inner_steps"],
-            )  # fmt: skip
-            for optimizer in optimizers.values():
-                optimizer.zero_grad(set_to_none=True)
-            # steps 4-6: unroll, masked matching loss, gradients into the three tensors
-            result = match_trajectory(
-                student, syn.image_syn, syn.label_syn, syn.syn_lr, w_start, target, plan,
-                mask=mask, ratio=ratio, memory=cfg.memory, threshold=cfg.threshold,
-            )  # fmt: skip
-            if not math.isfinite(result.loss):
-                raise diverged(run, it, f"the matching loss is {result.loss}")
-            if not result.skipped:  # step 6: update only when loss <= threshold
-                for optimizer in optimizers.values():
-                    optimizer.step()
-                check_finite(run, it, syn)
-
-            progress.record(it, result.loss, start_epoch, result.skipped)  # step 7
-            lr = syn.syn_lr.item()
-            record = {"loss": result.loss, "start_epoch": start_epoch, "syn_lr": lr}
-            tracker.log(it, {**record, "skipped": int(result.skipped)})
+            result, start_epoch = distill_step(run, matcher, it, syn, optimizers)  # steps 1-6
+            log_step(run, it, result, start_epoch, syn)  # step 7
             if it % 10 == 0:
                 bar.set_postfix(loss=f"{result.loss:.4f}", start=start_epoch)
             due = (it + 1) % cfg.checkpoint_it == 0 or it == cfg.Iteration
             if due or stop.signum is not None:
-                state = checkpoint_state(run, mask, syn, optimizers, generators, sampler)
+                state = checkpoint_state(run, mask.name, syn, optimizers, generators, sampler)
                 save_pt(state, run_dir / "checkpoint.pt")
             if stop.signum is not None:
                 break
     bar.close()
-    tracker.finish()
+    run.tracker.finish()
 
     # ---- outputs -----------------------------------------------------------------------------
     plot_loss(run)
-    if stop.signum is not None:
-        print(
-            f"stopped by {signal.Signals(stop.signum).name} after iteration "
-            f"{progress.next_iteration - 1}; checkpoint {run_dir / 'checkpoint.pt'}; continue "
-            "with the same command and --resume true"
-        )
-    else:
-        best = ", ".join(
-            f"{name} {b['mean']:.2f}% (it {b['iteration']})" for name, b in progress.best.items()
-        )
-        print(f"done: {progress.skipped} skipped iteration(s); best {best or '-'}; {run_dir}")
+    report(run, stop.signum)
     return {
         "run_dir": run_dir,
         "best": progress.best,
@@ -295,16 +222,27 @@ class Run:
     eval_models: list[str]
 
 
+@dataclass
+class Matcher:
+    """What every iteration draws from (experts, start epochs, inner steps) and matches with."""
+
+    student: Student  # only the network's architecture: parameters come as flat vectors
+    sampler: ExpertSampler
+    schedule: StartEpochSchedule
+    inner_steps: InnerSteps
+    mask: Mask
+    generators: dict[str, torch.Generator]
+
+
 # ---- arguments ---------------------------------------------------------------------------------
 
 
-def check_settings(cfg: SimpleNamespace, ratio_key: str) -> None:
-    """One-line UserErrors for settings the loop cannot run with (ALGORITHMS 9)."""
-    check_ratio(ratio_key, getattr(cfg, ratio_key))
+def check_settings(cfg: SimpleNamespace) -> None:
+    """One-line UserErrors for settings the loop cannot run with (ALGORITHMS 9); the mask ratio,
+    syn_steps and batch_syn are checked by make_mask and InnerSteps."""
     check_choice("memory", cfg.memory, MEMORY_MODES)
     check_choice("pix_init", cfg.pix_init, PIX_INITS)
     minimums = {
-        "syn_steps": 1,
         "expert_epochs": 1,
         "Iteration": 0,
         "eval_it": 1,
@@ -316,8 +254,6 @@ def check_settings(cfg: SimpleNamespace, ratio_key: str) -> None:
     for key, minimum in minimums.items():
         if getattr(cfg, key) < minimum:
             raise UserError(f"{key}={getattr(cfg, key)}: expected at least {minimum}")
-    if cfg.batch_syn is not None and cfg.batch_syn < 1:
-        raise UserError(f"batch_syn={cfg.batch_syn}: use a positive batch size or null for all")
     if cfg.texture:
         raise UserError("texture=True: texture distillation is not part of PAD; set it to False")
 
@@ -353,7 +289,108 @@ def no_experts_message(cfg: SimpleNamespace, folder: Path) -> str:
     )
 
 
-# ---- the synthetic set -------------------------------------------------------------------------
+# ---- set-up ------------------------------------------------------------------------------------
+
+
+def purpose_generators(seed: int) -> dict[str, torch.Generator]:
+    """One generator per purpose, so e.g. the evaluation schedule never shifts the start epochs."""
+    return {
+        name: torch.Generator().manual_seed(seed + k)
+        for k, name in enumerate(("init", "start_epoch", "inner_steps"))
+    }
+
+
+def evaluation_iterations(cfg: SimpleNamespace) -> list[int]:
+    """The iterations evaluated before their update: every eval_it-th, from 0 or eval_it."""
+    first_eval = cfg.eval_it if cfg.skip_first_eva else 0
+    return list(range(first_eval, cfg.Iteration + 1, cfg.eval_it))
+
+
+def load_data(cfg: SimpleNamespace) -> tuple[Data, list[Tensor]]:
+    """The real data set and its train indices per class, checked against ipc."""
+    data = get_dataset(
+        cfg.dataset, cfg.data_path, subset=cfg.subset, zca=cfg.zca, max_per_class=cfg.max_per_class
+    )
+    indices_class = data.indices_class()
+    check_ipc(cfg.ipc, indices_class, data.class_names)
+    return data, indices_class
+
+
+def open_experts(
+    cfg: SimpleNamespace, files: list[Path], data: Data, device: torch.device
+) -> tuple[Student, ExpertSampler]:
+    """The student network and the expert sampler, once every expert the sampler can draw is
+    known to fit the network and to reach the latest target epoch."""
+    model = get_network(cfg.model, data.channel, data.num_classes, data.im_size)
+    check_expert_shapes(load_expert_file(files[0], mmap=True)[0], model, files[0])
+    student = Student(model.to(device))
+    sampler = ExpertSampler(
+        files,
+        load_all=cfg.load_all,
+        max_files=cfg.max_files,
+        max_experts=cfg.max_experts,
+        seed=cfg.seed,
+        mmap=True,
+    )
+    for path in sampler.files:  # memory-mapped: only the lists of snapshots are read
+        experts = load_expert_file(path, mmap=True)[: cfg.max_experts]
+        shortest = min(len(expert) for expert in experts)
+        check_trajectory_length(cfg.max_start_epoch, cfg.expert_epochs, shortest, path)
+    return student, sampler
+
+
+def open_run(
+    cfg: SimpleNamespace,
+    run_dir: Path,
+    checkpoint: dict | None,
+    data: Data,
+    device: torch.device,
+    progress: Progress,
+) -> Run:
+    """The run folder with this run's config, its metrics log and the evaluation models."""
+    (run_dir / "Normal").mkdir(parents=True, exist_ok=True)
+    save_config({key: getattr(cfg, key) for key in DEFAULTS}, run_dir / "config.yaml")
+    if checkpoint is not None:
+        drop_metrics_from(run_dir / "metrics.jsonl", progress.next_iteration)
+    tracker = Tracker(
+        run_dir, wandb_mode=cfg.wandb, project=cfg.project, name=run_dir.name, config=vars(cfg)
+    )
+    eval_models = eval_pool(cfg.eval_mode, cfg.model, data.im_size)
+    resumed = f" (resumed at iteration {progress.next_iteration})" if checkpoint else ""
+    print(f"outputs: {run_dir}{resumed}")
+    return Run(cfg, data, device, run_dir, tracker, progress, eval_models)
+
+
+# ---- the synthetic set (ALGORITHMS 7.2-7.4) ----------------------------------------------------
+
+
+def synthetic_set(
+    cfg: SimpleNamespace,
+    checkpoint: dict | None,
+    data: Data,
+    indices_class: list[Tensor],
+    files: list[Path],
+    student: Student,
+    device: torch.device,
+    generators: dict[str, torch.Generator],
+) -> SynSet:
+    """The learnable tensors: initialised (images, soft labels, lr_teacher) or resumed."""
+    if checkpoint is not None:
+        return SynSet.leaves(
+            checkpoint["image_syn"], checkpoint["label_syn"], checkpoint["syn_lr"], device
+        )
+    images, labels = initial_synset(
+        cfg, data, indices_class, files, student, device, generators["init"]
+    )
+    return SynSet.leaves(images, labels, torch.tensor(cfg.lr_teacher), device)
+
+
+def synset_optimizers(cfg: SimpleNamespace, syn: SynSet) -> dict[str, torch.optim.Optimizer]:
+    return {
+        "images": torch.optim.SGD([syn.image_syn], lr=cfg.lr_img, momentum=0.5),
+        "lr": torch.optim.SGD([syn.syn_lr], lr=cfg.lr_lr, momentum=0.5),
+        "labels": torch.optim.SGD([syn.label_syn], lr=cfg.lr_y, momentum=cfg.Momentum_y),
+    }
 
 
 def initial_synset(
@@ -397,6 +434,48 @@ def initial_synset(
     accuracy = (label_syn.argmax(1) == labels).float().mean().item() * 100
     print(f"initial images: {cfg.pix_init}; soft labels agree with the classes on {accuracy:.1f}%")
     return image_syn, label_syn
+
+
+# ---- one iteration -----------------------------------------------------------------------------
+
+
+def distill_step(
+    run: Run,
+    matcher: Matcher,
+    it: int,
+    syn: SynSet,
+    optimizers: dict[str, torch.optim.Optimizer],
+) -> tuple[MatchResult, int]:
+    """Steps 1-6: an expert segment, the student's unroll, the masked matching loss and, unless
+    the loss exceeds the threshold, one update of the three tensors. Returns the result and the
+    start epoch."""
+    cfg, generators = run.cfg, matcher.generators
+    trajectory = matcher.sampler.next()  # step 1
+    start_epoch = matcher.schedule.sample(it, generators["start_epoch"])  # step 2
+    w_start = flatten_params(trajectory[start_epoch]).to(run.device)  # step 3
+    target = flatten_params(trajectory[start_epoch + cfg.expert_epochs]).to(run.device)
+    plan = matcher.inner_steps.plan(len(syn.image_syn), run.data.im_size, generators["inner_steps"])
+    for optimizer in optimizers.values():
+        optimizer.zero_grad(set_to_none=True)
+    # steps 4-6: unroll, masked matching loss, gradients into the three tensors
+    result = match_trajectory(
+        matcher.student, syn.image_syn, syn.label_syn, syn.syn_lr, w_start, target, plan,
+        mask=matcher.mask, memory=cfg.memory, threshold=cfg.threshold,
+    )  # fmt: skip
+    if not math.isfinite(result.loss):
+        raise diverged(run, it, f"the matching loss is {result.loss}")
+    if not result.skipped:  # step 6: update only when loss <= threshold
+        for optimizer in optimizers.values():
+            optimizer.step()
+        check_finite(run, it, syn)
+    return result, start_epoch
+
+
+def log_step(run: Run, it: int, result: MatchResult, start_epoch: int, syn: SynSet) -> None:
+    """Step 7: the iteration's loss, start epoch and learning rate, in memory and in the log."""
+    run.progress.record(it, result.loss, start_epoch, result.skipped)
+    record = {"loss": result.loss, "start_epoch": start_epoch, "syn_lr": syn.syn_lr.item()}
+    run.tracker.log(it, {**record, "skipped": int(result.skipped)})
 
 
 # ---- evaluation and outputs --------------------------------------------------------------------
@@ -463,6 +542,22 @@ def write_outputs(run: Run, it: int, syn: SynSet, *, best: bool, numbered: bool)
             save_image_grid(viewable, path, nrow=10, clip_std=clip_std)
             run.tracker.image(f"synthetic_images{suffix}", path, step=it)
     plot_loss(run)
+
+
+def report(run: Run, signum: int | None) -> None:
+    """The last line: how the run ended, its best accuracies, where to find it."""
+    progress = run.progress
+    if signum is not None:
+        print(
+            f"stopped by {signal.Signals(signum).name} after iteration "
+            f"{progress.next_iteration - 1}; checkpoint {run.dir / 'checkpoint.pt'}; continue "
+            "with the same command and --resume true"
+        )
+    else:
+        best = ", ".join(
+            f"{name} {b['mean']:.2f}% (it {b['iteration']})" for name, b in progress.best.items()
+        )
+        print(f"done: {progress.skipped} skipped iteration(s); best {best or '-'}; {run.dir}")
 
 
 def plot_loss(run: Run) -> None:
@@ -613,11 +708,11 @@ class StopOnSignal:
         self.restore()
 
 
-def run(mask: str) -> None:
+def run(mask_name: str) -> None:
     """Entry point of PAD_depth.py / PAD_loss.py: exit 2 on a UserError, 128 + signal if stopped."""
 
     def main_with_status(argv: list[str]) -> None:
-        summary = main(mask, argv)
+        summary = main(mask_name, argv)
         if summary["stopped_by"] is not None:
             sys.exit(128 + summary["stopped_by"])
 

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from utils.io import UserError
 from utils.matching import (
     Student,
-    kept_coordinates,
+    make_mask,
     match_trajectory,
     matching_loss,
     plan_inner_steps,
@@ -68,8 +68,7 @@ def run(mode, problem, plan, *, mask="none", ratio=0.0, lr=0.05, threshold=None)
         w_start,
         target,
         plan,
-        mask=mask,
-        ratio=ratio,
+        mask=make_mask(mask, ratio),
         memory=mode,
         threshold=threshold,
     )
@@ -103,19 +102,8 @@ def test_gradient_matches_finite_differences_in_graph_mode():
     _, grad_image, grad_label, grad_lr = run("graph", problem, plan, mask="depth", ratio=0.25)
 
     def loss_at(images_, labels_, lr_):
-        image_syn, label_syn, syn_lr = learnables(images_, labels_, lr_)
-        return match_trajectory(
-            student,
-            image_syn,
-            label_syn,
-            syn_lr,
-            w_start,
-            target,
-            plan,
-            mask="depth",
-            ratio=0.25,
-            memory="graph",
-        ).loss
+        moved = (student, w_start, target, images_, labels_)
+        return run("graph", moved, plan, mask="depth", ratio=0.25, lr=lr_)[0].loss
 
     eps = 1e-6
     for coordinate in [(0, 0, 3, 4), (5, 2, 7, 0), (7, 1, 2, 6)]:
@@ -136,14 +124,14 @@ def test_depth_mask_drops_exactly_the_first_coordinates():
     w_end, w_start, target = torch.randn(3, 1003, generator=g, dtype=torch.float64)
     k = int(0.37 * 1003)  # 371
     expected = ((w_end[k:] - target[k:]) ** 2).sum() / ((w_start[k:] - target[k:]) ** 2).sum()
-    loss = matching_loss(w_end, w_start, target, mask="depth", ratio=0.37)
+    loss = matching_loss(w_end, w_start, target, make_mask("depth", 0.37))
     assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
     # one coordinate more or less would change the value
     off_by_one = ((w_end[k + 1 :] - target[k + 1 :]) ** 2).sum() / (
         (w_start[k + 1 :] - target[k + 1 :]) ** 2
     ).sum()
     assert loss.item() != pytest.approx(off_by_one.item(), rel=1e-12)
-    assert kept_coordinates("depth", 0.37, torch.zeros(1003)) == slice(371, None)
+    assert make_mask("depth", 0.37)(torch.zeros(1003)) == slice(371, None)
 
 
 def test_loss_mask_keeps_the_largest_errors():
@@ -153,7 +141,7 @@ def test_loss_mask_keeps_the_largest_errors():
     errors = (w_end.detach() - target) ** 2
     kept = torch.sort(errors).indices[int(0.6 * 500) :]
     expected = errors[kept].sum() / ((w_start[kept] - target[kept]) ** 2).sum()
-    loss = matching_loss(w_end, w_start, target, mask="loss", ratio=0.6)
+    loss = matching_loss(w_end, w_start, target, make_mask("loss", 0.6))
     assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
     dropped = torch.ones(500, dtype=torch.bool)
     dropped[kept] = False
@@ -170,7 +158,7 @@ def test_loss_mask_keeps_the_largest_errors():
 def test_ratio_zero_is_the_unmasked_loss(mask):
     w_end, w_start, target = torch.randn(3, 200, generator=torch.Generator().manual_seed(2))
     plain = ((w_end - target) ** 2).sum() / ((w_start - target) ** 2).sum()
-    assert matching_loss(w_end, w_start, target, mask=mask, ratio=0.0).item() == pytest.approx(
+    assert matching_loss(w_end, w_start, target, make_mask(mask, 0.0)).item() == pytest.approx(
         plain.item(), rel=1e-6
     )
 
@@ -269,9 +257,9 @@ def test_bad_mask_ratio_and_mode_are_user_errors():
     w = torch.zeros(10)
     for ratio in (1.0, -0.1, 1.5):
         with pytest.raises(UserError, match="outside"):
-            matching_loss(w + 1, w, w + 2, mask="depth", ratio=ratio)
+            matching_loss(w + 1, w, w + 2, make_mask("depth", ratio))
     with pytest.raises(UserError, match="mask"):
-        kept_coordinates("deep", 0.5, w)
+        make_mask("deep", 0.5)
     student, w_start, target, images, labels = tiny_problem()
     with pytest.raises(UserError, match="memory"):
         match_trajectory(
@@ -284,6 +272,17 @@ def test_bad_mask_ratio_and_mode_are_user_errors():
         )
     with pytest.raises(UserError, match="batch_syn"):
         plan_inner_steps(8, 2, 0, IM_SIZE, augment=False)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0, 1.5])
+def test_ratio_outside_unit_interval_is_refused(value):
+    with pytest.raises(UserError, match="depth_ratio"):
+        make_mask("depth", value, key="depth_ratio")
+
+
+def test_ratio_inside_is_accepted():
+    make_mask("loss", 0.0, key="loss_ratio")
+    make_mask("loss", 0.75, key="loss_ratio")
 
 
 def test_tensors_without_requires_grad_get_no_grad_and_the_others_still_match():

@@ -8,7 +8,6 @@ from utils.synset import (
     StartEpochSchedule,
     average_correct_logits,
     check_ipc,
-    check_ratio,
     check_trajectory_length,
     correctly_predicted_indices,
     hard_labels,
@@ -91,17 +90,6 @@ def test_trajectory_length_check():
 
 
 # ---- checks ------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("value", [-0.1, 1.0, 1.5])
-def test_ratio_outside_unit_interval_is_refused(value):
-    with pytest.raises(UserError, match="depth_ratio"):
-        check_ratio("depth_ratio", value)
-
-
-def test_ratio_inside_is_accepted():
-    check_ratio("loss_ratio", 0.0)
-    check_ratio("loss_ratio", 0.75)
 
 
 def test_ipc_larger_than_a_class():

@@ -1,12 +1,15 @@
 """Trajectory matching: the student unroll, PAD's masked matching loss and its exact gradient.
 
-One distillation iteration (ALGORITHMS 7.5 steps 4-6) in three calls:
+One distillation iteration (ALGORITHMS 7.5 steps 4-6) in two calls, after three made once per
+run (where the settings are checked):
 
     student = Student(get_network(model, channel, num_classes, im_size))
-    plan = plan_inner_steps(len(image_syn), syn_steps, batch_syn, im_size, augment=True,
-                            strategy=DSA_STRATEGY)
+    inner_steps = InnerSteps(syn_steps, batch_syn, augment=True)
+    mask = make_mask("depth", 0.5)
+
+    plan = inner_steps.plan(len(image_syn), im_size, generator)
     result = match_trajectory(student, image_syn, label_syn, syn_lr, w_start, target, plan,
-                              mask="depth", ratio=0.5, threshold=1.0)
+                              mask=mask, threshold=1.0)
 
 `match_trajectory` accumulates dL/d(image_syn, label_syn, syn_lr) into their `.grad`, like
 `L.backward()`. It has two memory modes that give the same gradient (ALGORITHMS 7.7):
@@ -23,6 +26,7 @@ modes, and both passes of "recompute", see the same batches and augmentations.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +38,6 @@ from torch.func import functional_call
 from utils.augment import DSA_STRATEGY, DSAParams, apply_dsa, sample_dsa_params
 from utils.io import UserError
 
-MASKS = ("none", "depth", "loss")
 MEMORY_MODES = ("graph", "recompute")
 
 
@@ -70,42 +73,77 @@ class Student:
         return functional_call(self.model, params, (x,))
 
 
-def _check_mask(mask: str, ratio: float) -> None:
-    if mask not in MASKS:
-        raise UserError(f"matching mask {mask!r} is unknown; use one of {list(MASKS)}")
-    if not 0.0 <= ratio < 1.0:
-        raise UserError(
-            f"mask ratio {ratio} is outside [0, 1); set depth_ratio / loss_ratio to a fraction "
-            "such as 0.5 (0 keeps every parameter)"
-        )
+# ---- PAD's parameter masks (ALGORITHMS 7.5 step 5) ---------------------------------------------
+# A mask maps the per-coordinate losses [P] of the flat parameter vector (the student's layout:
+# shallow to deep) and the number of coordinates to drop, 0 < dropped < P, to the kept ones K.
+
+Kept = Tensor | slice  # int64 indices or a slice of the flat vector
 
 
-def kept_coordinates(mask: str, ratio: float, per_coordinate_loss: Tensor) -> Tensor | slice:
-    """The coordinates K the matching loss keeps (ALGORITHMS 7.5 step 5).
+def keep_all(per_coordinate_loss: Tensor, dropped: int) -> Kept:
+    return slice(None)
 
-    "none" keeps all; "depth" drops the first int(ratio * P) (shallowest) coordinates; "loss" drops
-    the int(ratio * P) smallest per-coordinate losses, ties broken by position (stable sort).
-    Returns a slice, or int64 indices for "loss"; ratio 0 keeps everything for every mask.
-    """
-    _check_mask(mask, ratio)
-    dropped = int(ratio * per_coordinate_loss.numel())
-    if mask == "none" or dropped == 0:
-        return slice(None)
-    if mask == "depth":
-        return slice(dropped, None)
+
+def drop_shallowest(per_coordinate_loss: Tensor, dropped: int) -> Kept:
+    """PAD_depth: the first `dropped` coordinates are the shallowest parameters."""
+    return slice(dropped, None)
+
+
+def drop_smallest_losses(per_coordinate_loss: Tensor, dropped: int) -> Kept:
+    """PAD_loss: drop the smallest per-coordinate losses, ties broken by position."""
     # The ranking is a constant of the iteration: no gradient flows through the selection.
     return torch.sort(per_coordinate_loss.detach(), stable=True).indices[dropped:]
 
 
-def matching_loss(
-    w_end: Tensor, w_start: Tensor, target: Tensor, *, mask: str = "none", ratio: float = 0.0
-) -> Tensor:
+MASKS: dict[str, Callable[[Tensor, int], Kept]] = {
+    "none": keep_all,
+    "depth": drop_shallowest,
+    "loss": drop_smallest_losses,
+}
+
+
+@dataclass(frozen=True)
+class Mask:
+    """A mask of MASKS bound to its ratio: `mask(per_coordinate_loss)` -> the kept coordinates K.
+
+    It drops int(ratio * P) coordinates; ratio 0 keeps everything for every mask.
+    """
+
+    name: str
+    ratio: float
+    select: Callable[[Tensor, int], Kept]
+
+    def __call__(self, per_coordinate_loss: Tensor) -> Kept:
+        dropped = int(self.ratio * per_coordinate_loss.numel())
+        return slice(None) if dropped == 0 else self.select(per_coordinate_loss, dropped)
+
+
+def make_mask(name: str, ratio: float = 0.0, *, key: str = "ratio") -> Mask:
+    """The mask `name` of MASKS with its ratio, checked here once; `key` names the ratio in
+    errors (e.g. the config key `depth_ratio`)."""
+    if name not in MASKS:
+        raise UserError(f"matching mask {name!r} is unknown; use one of {list(MASKS)}")
+    if not 0.0 <= ratio < 1.0:
+        raise UserError(
+            f"{key}={ratio} is outside [0, 1): it is the fraction of parameters dropped from the "
+            "matching loss (0 keeps all, 0.5 drops half)"
+        )
+    return Mask(name, ratio, MASKS[name])
+
+
+NO_MASK = make_mask("none")
+
+
+def matching_loss(w_end: Tensor, w_start: Tensor, target: Tensor, mask: Mask = NO_MASK) -> Tensor:
     """sum_K (w_end - target)^2 / sum_K (w_start - target)^2 over the kept coordinates K."""
     student_error = (w_end - target) ** 2
     expert_error = (w_start - target) ** 2
-    kept = kept_coordinates(mask, ratio, student_error)
+    kept = mask(student_error)
     # The reference divides both sums by P; the factor cancels (REFERENCE_NOTES 6.10).
     return student_error[kept].sum() / expert_error[kept].sum()
+
+
+# ---- the unroll's batches and augmentations (ALGORITHMS 7.5 step 4) ----------------------------
 
 
 @dataclass
@@ -114,6 +152,50 @@ class InnerPlan:
 
     batches: list[Tensor]
     aug: list[DSAParams | None]
+
+
+@dataclass(frozen=True)
+class InnerSteps:
+    """How every unroll runs: syn_steps steps on batches of batch_syn synthetic images (None:
+    the whole set), DSA-augmented with `strategy` when `augment`. Checked once, when made."""
+
+    syn_steps: int
+    batch_syn: int | None = None
+    augment: bool = True
+    strategy: str = DSA_STRATEGY
+
+    def __post_init__(self) -> None:
+        if self.syn_steps < 1:
+            raise UserError(f"syn_steps={self.syn_steps}: expected at least 1")
+        if self.batch_syn is not None and self.batch_syn < 1:
+            raise UserError(
+                f"batch_syn={self.batch_syn}: use a positive batch size or null for all"
+            )
+
+    def plan(
+        self, num_syn: int, im_size: tuple[int, int], generator: torch.Generator | None = None
+    ) -> InnerPlan:
+        """Draw the batches and augmentations of one unroll of a set of num_syn images.
+
+        A random permutation of the synthetic set is split into chunks of batch_syn; the last
+        chunk is used first (the reference pops from the end) and a new permutation is drawn when
+        the chunks run out. batch_syn None or >= num_syn: the whole set, re-permuted every step.
+        """
+        chunk = num_syn if self.batch_syn is None else min(self.batch_syn, num_syn)
+        batches: list[Tensor] = []
+        aug: list[DSAParams | None] = []
+        chunks: list[Tensor] = []
+        for _ in range(self.syn_steps):
+            if not chunks:
+                chunks = list(torch.randperm(num_syn, generator=generator).split(chunk))
+            batch = chunks.pop()
+            batches.append(batch)
+            aug.append(
+                sample_dsa_params(len(batch), im_size, self.strategy, generator=generator)
+                if self.augment
+                else None
+            )
+        return InnerPlan(batches, aug)
 
 
 def plan_inner_steps(
@@ -126,31 +208,8 @@ def plan_inner_steps(
     strategy: str = DSA_STRATEGY,
     generator: torch.Generator | None = None,
 ) -> InnerPlan:
-    """Draw the batches and augmentations of one unroll (ALGORITHMS 7.5 step 4).
-
-    A random permutation of the synthetic set is split into chunks of batch_syn; the last chunk
-    is used first (the reference pops from the end) and a new permutation is drawn when the
-    chunks run out. batch_syn None or >= num_syn means the whole set, re-permuted every step.
-    """
-    if syn_steps < 1:
-        raise UserError(f"syn_steps is {syn_steps}; it must be at least 1")
-    if batch_syn is not None and batch_syn < 1:
-        raise UserError(f"batch_syn is {batch_syn}; use a positive batch size or null for all")
-    chunk = num_syn if batch_syn is None else min(batch_syn, num_syn)
-    batches: list[Tensor] = []
-    aug: list[DSAParams | None] = []
-    chunks: list[Tensor] = []
-    for _ in range(syn_steps):
-        if not chunks:
-            chunks = list(torch.randperm(num_syn, generator=generator).split(chunk))
-        batch = chunks.pop()
-        batches.append(batch)
-        aug.append(
-            sample_dsa_params(len(batch), im_size, strategy, generator=generator)
-            if augment
-            else None
-        )
-    return InnerPlan(batches, aug)
+    """One plan in one call (tests, benchmarks); a loop makes its InnerSteps once instead."""
+    return InnerSteps(syn_steps, batch_syn, augment, strategy).plan(num_syn, im_size, generator)
 
 
 @dataclass
@@ -168,8 +227,7 @@ def match_trajectory(
     target: Tensor,
     plan: InnerPlan,
     *,
-    mask: str = "none",
-    ratio: float = 0.0,
+    mask: Mask = NO_MASK,
     memory: str = "recompute",
     threshold: float | None = None,
 ) -> MatchResult:
@@ -179,7 +237,6 @@ def match_trajectory(
     `threshold` is given and L > threshold or L is not finite, no gradient is computed and the
     result says skipped (the reference back-propagates but does not step: same outcome).
     """
-    _check_mask(mask, ratio)
     if memory not in MEMORY_MODES:
         raise UserError(f"memory mode {memory!r} is unknown; use one of {list(MEMORY_MODES)}")
     if not plan.batches:
@@ -187,9 +244,7 @@ def match_trajectory(
     w_start, target = w_start.detach(), target.detach()
     unroll = _match_graph if memory == "graph" else _match_recompute
     with torch.enable_grad():  # also correct when called under torch.no_grad()
-        return unroll(
-            student, image_syn, label_syn, syn_lr, w_start, target, plan, mask, ratio, threshold
-        )
+        return unroll(student, image_syn, label_syn, syn_lr, w_start, target, plan, mask, threshold)
 
 
 def _step_loss(
@@ -206,7 +261,7 @@ def _skip(loss: Tensor, threshold: float | None) -> bool:
 
 
 def _match_graph(
-    student, image_syn, label_syn, syn_lr, w_start, target, plan, mask, ratio, threshold
+    student, image_syn, label_syn, syn_lr, w_start, target, plan, mask, threshold
 ) -> MatchResult:
     # ALGORITHMS 7.5 step 4: every step's graph is kept (create_graph) for one backward pass.
     w = w_start.clone().requires_grad_(True)
@@ -214,7 +269,7 @@ def _match_graph(
         loss_i = _step_loss(student, w, image_syn[idx], label_syn[idx], aug)
         (g,) = torch.autograd.grad(loss_i, w, create_graph=True)
         w = w - syn_lr * g
-    loss = matching_loss(w, w_start, target, mask=mask, ratio=ratio)
+    loss = matching_loss(w, w_start, target, mask)
     if _skip(loss, threshold):
         return MatchResult(loss.item(), skipped=True)
     inputs = [t for t in (image_syn, label_syn, syn_lr) if t.requires_grad]
@@ -224,7 +279,7 @@ def _match_graph(
 
 
 def _match_recompute(
-    student, image_syn, label_syn, syn_lr, w_start, target, plan, mask, ratio, threshold
+    student, image_syn, label_syn, syn_lr, w_start, target, plan, mask, threshold
 ) -> MatchResult:
     """ALGORITHMS 7.7: unroll without graphs, then back-propagate one rebuilt step at a time."""
     steps = len(plan.batches)
@@ -254,7 +309,7 @@ def _match_recompute(
             if i + 1 < steps:
                 ws[i + 1] = w_next
     w_end = w_next.requires_grad_(True)
-    loss = matching_loss(w_end, w_start, target, mask=mask, ratio=ratio)
+    loss = matching_loss(w_end, w_start, target, mask)
     if _skip(loss, threshold):
         return MatchResult(loss.item(), skipped=True)
     (adjoint,) = torch.autograd.grad(loss, w_end)  # a_N = dL/dw_N

@@ -96,8 +96,6 @@ def check_trajectory_length(
     max_start_epoch: int, expert_epochs: int, num_snapshots: int, path: str | Path
 ) -> None:
     """The latest target epoch, max_start_epoch - 1 + expert_epochs, must be a snapshot."""
-    if expert_epochs < 1:
-        raise UserError(f"expert_epochs={expert_epochs}: expected at least 1")
     if max_start_epoch + expert_epochs > num_snapshots:
         train_epochs = num_snapshots - 1
         raise UserError(
@@ -110,14 +108,6 @@ def check_trajectory_length(
 
 # ---------------------------------------------------------------------------------------------
 # Checks of settings
-
-
-def check_ratio(key: str, value: float) -> None:
-    if not 0.0 <= value < 1.0:
-        raise UserError(
-            f"{key}={value} is outside [0, 1): it is the fraction of parameters dropped from the "
-            "matching loss (0 keeps all, 0.5 drops half)"
-        )
 
 
 def check_choice(key: str, value: str, choices: Sequence[str]) -> None:
