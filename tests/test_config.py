@@ -57,8 +57,9 @@ def test_unknown_key_names_it_and_suggests(tmp_path):
 
 
 def test_duplicate_key_is_refused(tmp_path):
-    with pytest.raises(UserError, match=r"duplicate key 'zca'.*lines 1 and 3"):
-        load_config(str(write(tmp_path, "zca: false\nipc: 1\nzca: true\n")))
+    path = write(tmp_path, "zca: false\nipc: 1\nzca: true\n")
+    with pytest.raises(UserError, match=r"duplicate key 'zca' in .*c\.yaml \(lines 1 and 3\)"):
+        load_config(str(path))
 
 
 @pytest.mark.parametrize(

@@ -277,7 +277,8 @@ def read_yaml_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     load_yaml(path, what="config file")  # clear errors for missing files and bad YAML first
     try:
-        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+        with path.open() as stream:  # a stream, so that errors name the file
+            raw = yaml.load(stream, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         raise UserError(f"cannot read config file {path}: {' '.join(str(exc).split())}") from exc
     if raw is None:
