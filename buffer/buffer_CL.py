@@ -42,7 +42,7 @@ from torch import Tensor, nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from utils.augment import DSA_STRATEGY, augment  # noqa: E402
-from utils.config import str2bool  # noqa: E402
+from utils.config import HelpFormatter, add_bool_flag  # noqa: E402
 from utils.data import Data, get_dataset  # noqa: E402
 from utils.difficulty import (  # noqa: E402
     curriculum_fraction,
@@ -71,39 +71,50 @@ CURRICULUM_KEYS = (
 )  # fmt: skip
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     # ALGORITHMS 6 / REFERENCE_NOTES 4.2: the reference's flags and defaults
-    p.add_argument("--dataset", default="CIFAR10")
+    p.add_argument("--dataset", default="CIFAR10", help="data set name (as in the distillation)")
     p.add_argument("--subset", default="imagenette", help="ImageNet subset")
-    p.add_argument("--model", default="ConvNet")
-    p.add_argument("--num_experts", type=int, default=100)
-    p.add_argument("--lr_teacher", type=float, default=0.01)
-    p.add_argument("--batch_train", type=int, default=256)
+    p.add_argument("--model", default="ConvNet", help="expert architecture")
+    p.add_argument("--num_experts", type=int, default=100, help="experts to train")
+    p.add_argument("--lr_teacher", type=float, default=0.01, help="experts' SGD learning rate")
+    p.add_argument("--batch_train", type=int, default=256, help="experts' mini-batch size")
     p.add_argument("--batch_real", type=int, default=256, help="unused (reference flag)")
-    p.add_argument("--dsa", type=str2bool, default=True, help="DSA (True) or DC augmentation")
-    p.add_argument("--dsa_strategy", default=DSA_STRATEGY)
-    p.add_argument("--data_path", default="data")
-    p.add_argument("--buffer_path", default="./buffers")
-    p.add_argument("--train_epochs", type=int, default=50)
-    p.add_argument("--zca", action="store_true")
-    p.add_argument("--decay", action="store_true", help="unused (reference flag)")
+    add_bool_flag(p, "--dsa", True, "DSA augmentation (false: DC augmentation)")
+    p.add_argument("--dsa_strategy", default=DSA_STRATEGY,
+                   help="the DSA operations, joined by '_'")  # fmt: skip
+    p.add_argument("--data_path", default="data", help="folder of the data set")
+    p.add_argument("--buffer_path", default="./buffers",
+                   help="root folder of the expert files (distillation: buffer_path)")  # fmt: skip
+    p.add_argument("--train_epochs", type=int, default=50,
+                   help="epochs per expert (train_epochs + 1 snapshots)")  # fmt: skip
+    add_bool_flag(p, "--zca", False, "ZCA-whiten the real data")
+    add_bool_flag(p, "--decay", False, "unused (reference flag)")
     p.add_argument("--mom", type=float, default=0.0, help="SGD momentum")
     p.add_argument("--l2", type=float, default=0.0, help="SGD weight decay")
     p.add_argument("--save_interval", type=int, default=10, help="experts per file")
-    p.add_argument("--sort_method", default="", help="difficulty file NAME (or a .pt path)")
-    p.add_argument("--init_ratio", type=float, default=1.0)
-    p.add_argument("--add_end_epoch", type=int, default=100)
-    p.add_argument("--rm_epoch_first", type=int, default=40)
-    p.add_argument("--rm_epoch_second", type=int, default=60)
-    p.add_argument("--rm_easy_ratio_first", type=float, default=0.1)
-    p.add_argument("--rm_easy_ratio_second", type=float, default=0.1)
+    p.add_argument("--sort_method", default="",
+                   help="difficulty file NAME under --indices_path (or a .pt path); empty: no "
+                   "curriculum, every epoch on all data")  # fmt: skip
+    p.add_argument("--init_ratio", type=float, default=1.0,
+                   help="curriculum: easiest fraction of each class at epoch 0")  # fmt: skip
+    p.add_argument("--add_end_epoch", type=int, default=100,
+                   help="curriculum: epoch at which that fraction reaches 1")  # fmt: skip
+    p.add_argument("--rm_epoch_first", type=int, default=40,
+                   help="curriculum: last epoch on all of the data")  # fmt: skip
+    p.add_argument("--rm_epoch_second", type=int, default=60,
+                   help="curriculum: last epoch of the first removal phase")  # fmt: skip
+    p.add_argument("--rm_easy_ratio_first", type=float, default=0.1,
+                   help="curriculum: easiest fraction removed after rm_epoch_first")  # fmt: skip
+    p.add_argument("--rm_easy_ratio_second", type=float, default=0.1,
+                   help="curriculum: easiest fraction removed after rm_epoch_second")  # fmt: skip
     p.add_argument("--rho_max", type=float, default=2.0, help="GSAM radius (constant)")
     p.add_argument("--rho_min", type=float, default=2.0, help="must equal --rho_max")
     p.add_argument("--alpha", type=float, default=0.4, help="GSAM surrogate-gap coefficient")
-    p.add_argument("--adaptive", type=str2bool, default=True, help="adaptive GSAM perturbation")
-    p.add_argument("--add_hard", type=str2bool, default=True, help="unused (reference flag)")
-    p.add_argument("--rm_easy", type=str2bool, default=False, help="unused (reference flag)")
+    add_bool_flag(p, "--adaptive", True, "adaptive GSAM perturbation")
+    add_bool_flag(p, "--add_hard", True, "unused (reference flag)")
+    add_bool_flag(p, "--rm_easy", False, "unused (reference flag)")
     p.add_argument("--max_ratio", type=float, default=0.2, help="unused (reference flag)")
     # ours
     p.add_argument("--indices_path", default=str(repo_root() / "data_indices"),
@@ -112,12 +123,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="test accuracy every K epochs (0: never)")  # fmt: skip
     p.add_argument("--amp", choices=("off", "bf16"), default="off",
                    help="bf16: bfloat16 autocast (off: the paper's float32)")  # fmt: skip
-    p.add_argument("--compile", type=str2bool, default=False,
-                   help="torch.compile the training forward and backward (faster, float "
-                        "rounding differs slightly; on CPU needs a C++ compiler)")  # fmt: skip
+    add_bool_flag(p, "--compile", False,
+                  "torch.compile the training forward and backward (faster, float rounding "
+                  "differs slightly; on CPU needs a C++ compiler)")  # fmt: skip
     p.add_argument("--max_per_class", type=int, default=None,
-                   help="use the first N train images of each class")  # fmt: skip
-    p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N")
+                   help="use the first N train images of each class (none: all)")  # fmt: skip
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0, help="expert k is seeded with seed + k")
     p.add_argument("--res", type=int, default=32, help="ImageNet folder level (ALGORITHMS 6)")
     p.add_argument("--remove_easy", type=float, default=0.0,
@@ -126,7 +137,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--remove_hard", type=float, default=0.0,
                    help="ablation (buffer_RM): train every epoch without the hardest "
                         "fraction")  # fmt: skip
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def check_args(args: argparse.Namespace) -> None:

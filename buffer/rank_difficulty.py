@@ -44,6 +44,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from utils.config import HelpFormatter, add_bool_flag  # noqa: E402
 from utils.data import Data, get_dataset  # noqa: E402
 from utils.difficulty import METHODS, SCORE_FUNCTIONS, rank_by_class  # noqa: E402
 from utils.io import UserError, load_pt, run_main, save_json, save_pt  # noqa: E402
@@ -59,28 +60,39 @@ SCORE_DEFINITIONS = {
 }
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", default="CIFAR10")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
+    parser.add_argument("--dataset", default="CIFAR10", help="data set name")
     parser.add_argument("--subset", default="imagenette", help="ImageNet subset")
-    parser.add_argument("--data_path", default="../dataset/")
+    parser.add_argument("--data_path", default="../dataset/", help="folder of the data set")
     parser.add_argument("--method", default="GraNd", help="GraNd, EL2N or Uncertainty")
     parser.add_argument("--model", default="ResNet18", help="scoring network")
     parser.add_argument("--epochs", type=int, default=40, help="training epochs per repeat")
     parser.add_argument("--repeat", type=int, default=10, help="independently initialised runs")
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--momentum", type=float, default=0.9, help="Nesterov when > 0")
-    parser.add_argument("--weight_decay", type=float, default=5e-4)
+    parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (constant)")
+    parser.add_argument("--momentum", type=float, default=0.9, help="momentum, Nesterov when > 0")
+    parser.add_argument("--weight_decay", type=float, default=5e-4, help="SGD weight decay")
     parser.add_argument("--batch", type=int, default=128, help="training and scoring batch")
-    parser.add_argument("--zca", action="store_true", help="ZCA-whitened images (ALGORITHMS 2)")
-    parser.add_argument("--max_per_class", type=int, default=None, help="first N per class")
+    add_bool_flag(parser, "--zca", False, "ZCA-whiten the images")
+    parser.add_argument("--max_per_class", type=int, default=None,
+                        help="first N per class (none: all)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="repeat k uses seed + 5k")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--out", default=str(repo_root() / "data_indices"))
-    parser.add_argument("--name", default=None, help="output name (default <DATASET>_<METHOD>)")
+    parser.add_argument(
+        "--out",
+        default=str(repo_root() / "data_indices"),
+        help="folder for the index files (buffer_CL.py: --indices_path)",
+    )
+    parser.add_argument("--name", default=None, help="output name (none: <DATASET>_<METHOD>)")
     parser.add_argument("--amp", default="off", help="off, or bf16 autocast in training")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing file")
-    return parser.parse_args(argv)
+    add_bool_flag(parser, "--overwrite", False, "replace an existing file")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(args: argparse.Namespace) -> Path:

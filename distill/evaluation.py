@@ -33,7 +33,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.augment import DSA_STRATEGY  # noqa: E402
-from utils.config import str2bool  # noqa: E402
+from utils.config import HelpFormatter, add_bool_flag, str2bool  # noqa: E402
 from utils.data import get_dataset  # noqa: E402
 from utils.evaluate import (  # noqa: E402
     AMP_MODES,
@@ -51,42 +51,47 @@ from utils.runtime import resolve_device  # noqa: E402
 RANDOM_LR = 0.01  # --lr_net default for the Random baseline
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     # the reference's flags (ALGORITHMS 8)
-    p.add_argument("--dataset", default="CIFAR10")
-    p.add_argument("--subset", default="imagenette")
+    p.add_argument("--dataset", default="CIFAR10", help="data set of the distilled images")
+    p.add_argument("--subset", default="imagenette", help="ImageNet subset")
     p.add_argument("--model", default="ConvNet", help="the distillation model (eval_mode S, C)")
     p.add_argument("--eval_mode", default="S", help=f"model pool: {', '.join(EVAL_MODES)}")
-    p.add_argument("--epoch_eval_train", type=int, default=1000)
+    p.add_argument("--epoch_eval_train", type=int, default=1000,
+                   help="training epochs of each network")  # fmt: skip
     p.add_argument("--batch_real", type=int, default=256, help="unused, kept for compatibility")
-    p.add_argument("--dsa", type=str2bool, default=True, help="DSA (true) or DC augmentation")
+    add_bool_flag(p, "--dsa", True, "DSA augmentation (false: DC augmentation)")
     p.add_argument("--dsa_strategy", default=DSA_STRATEGY, help="'none' turns augmentation off")
-    p.add_argument("--data_path", default="data")
-    p.add_argument("--zca", action="store_true", help="ZCA-whiten the real data")
+    p.add_argument("--data_path", default="data", help="folder of the data set")
+    add_bool_flag(p, "--zca", False, "ZCA-whiten the real data")
     p.add_argument("--lr_teacher", type=float, default=0.01, help="unused, kept for compatibility")
-    p.add_argument("--no_aug", type=str2bool, nargs="?", const=True, default=False,
-                   help="unused, kept for compatibility (use --dsa_strategy none)")  # fmt: skip
-    p.add_argument("--batch_train", type=int, default=128)
-    p.add_argument("--parall_eva", type=str2bool, nargs="?", const=True, default=False,
-                   help="unused, kept for compatibility (see --batched)")  # fmt: skip
+    add_bool_flag(p, "--no_aug", False,
+                  "unused, kept for compatibility (use --dsa_strategy none)")  # fmt: skip
+    p.add_argument("--batch_train", type=int, default=128, help="training batch size")
+    add_bool_flag(p, "--parall_eva", False, "unused, kept for compatibility (see --batched)")
     p.add_argument("--data_dir", help="synthetic images .pt [N, C, H, W]")
     p.add_argument("--label_dir", help="labels .pt: float [N, classes] logits or int [N]")
     p.add_argument("--lr_dir", help="learning rate .pt (a 0-d tensor)")
     # ours
     p.add_argument("--models", help="comma-separated model names; replaces --eval_mode")
     p.add_argument("--num_eval", type=int, default=5, help="networks per model")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the networks (and of --random_ipc)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--out", help="JSON file, or a folder for eval_<name>.json")
     p.add_argument("--lr_net", type=float, help="learning rate instead of --lr_dir")
     p.add_argument("--random_ipc", type=int, help="evaluate K random real images per class")
     p.add_argument("--max_per_class", type=int, help="use the first N train images of each class")
     p.add_argument("--amp", default="off", choices=AMP_MODES, help="bf16: bfloat16 autocast")
-    p.add_argument("--batched", type=lambda v: None if v == "auto" else str2bool(v), default=None,
+    p.add_argument("--batched", type=lambda v: None if v == "auto" else str2bool(v), nargs="?",
+                   const=True, default="auto", metavar="BOOL|auto",
                    help="train the networks of a model as one vmapped ensemble: true, false, or "
-                   "auto (default: batched on GPUs, sequential on the CPU, where it is faster)")  # fmt: skip
-    return p.parse_args(argv)
+                   "auto (batched on GPUs, sequential on the CPU, where it is faster)")  # fmt: skip
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def check_sources(args: argparse.Namespace) -> None:
