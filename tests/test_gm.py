@@ -206,6 +206,20 @@ def test_freeze_batchnorm_sets_statistics_from_16_per_class_then_eval():
     assert net.features.conv0.training and net.training
 
 
+def test_outer_step_matches_classes_with_batchnorm_frozen():
+    images, labels = toy_data(dtype=torch.float64)
+    pool = class_pool(labels, C)
+    net, reference = tiny_net("batchnorm", "relu"), tiny_net("batchnorm", "relu")
+    image_syn = torch.randn(C, 3, *IM, dtype=torch.float64, requires_grad=True)
+    gm_outer_step(net, image_syn, pool, images, generator=torch.Generator().manual_seed(9))
+    freeze_batchnorm(reference, images, pool, generator=torch.Generator().manual_seed(9))
+    # the class forwards ran in eval mode: the statistics are still those of the 16 per class
+    for name in ("norm0", "norm1"):
+        a, b = getattr(net.features, name), getattr(reference.features, name)
+        assert torch.equal(a.running_mean, b.running_mean) and not a.training
+    assert image_syn.grad is not None and image_syn.grad.abs().sum() > 0
+
+
 def test_outer_step_gradient_is_that_of_the_summed_loss():
     images, labels = toy_data(dtype=torch.float64)
     pool = class_pool(labels, C)

@@ -6,9 +6,10 @@ cross-entropy gradients (w.r.t. the network's parameters) of a real batch and of
 synthetic images, one SGD step on the images with the sum over classes, then `inner_loop` epochs
 of training the network on the synthetic set (not after the last outer step).
 
+    settings = GMSettings(*get_loops(ipc), dis_metric="ours", depth_ratio=0.0, dsa=True)
     net = fresh_network(cfg.model, channel, num_classes, im_size, generator=g, device=device)
     loss = gm_iteration(net, image_syn, label_syn, optimizer_img, pool, images_train, settings,
-                        generator=g)
+                        generator=g)   # the images are updated outer_loop times
 
 `pool` is utils.filters.class_pool's per-class list of train indices (PAD's filter 1); filter 2
 is `settings.depth_ratio`, applied by `depth_mask` inside `match_distance`.
