@@ -64,3 +64,20 @@ def synset(n=7, soft=True, seed=1):
     images = torch.randn(n, 3, SIZE, SIZE, generator=g)
     labels = torch.randn(n, CLASSES, generator=g) if soft else torch.arange(n) % CLASSES
     return images, labels
+
+
+# Covariances for the ZCA tests.
+
+
+def closed_form_whitened_covariance(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """U diag(lam / (lam + eps)) U^T of the unbiased covariance of x, in float64."""
+    flat = x.reshape(len(x), -1).double()
+    centred = flat - flat.mean(dim=0)
+    lam, u = torch.linalg.eigh(centred.T @ centred / (len(x) - 1))
+    return u @ torch.diag(lam / (lam + eps)) @ u.T
+
+
+def covariance(z: torch.Tensor) -> torch.Tensor:
+    flat = z.reshape(len(z), -1).double()
+    centred = flat - flat.mean(dim=0)
+    return centred.T @ centred / (len(z) - 1)

@@ -28,13 +28,8 @@ EXPECTED_NAMES = {
 DEEP_CONVNET_SIZE = {"ConvNetD6": 64, "ConvNetD7": 128, "ConvNetD8": 256}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # the big models run ~4x slower when two torch threads compete with other jobs for 2 cores
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# the big models run ~4x slower when two torch threads compete with other jobs for 2 cores
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def intended_size(name):
