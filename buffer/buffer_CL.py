@@ -52,9 +52,17 @@ from utils.difficulty import (  # noqa: E402
 )
 from utils.gsam import GSAM  # noqa: E402
 from utils.io import UserError, run_main, save_yaml  # noqa: E402
-from utils.networks import MODEL_NAMES, get_network  # noqa: E402
-from utils.runtime import repo_root, resolve_device, seed_everything  # noqa: E402
+from utils.networks import check_model_names, get_network  # noqa: E402
+from utils.runtime import (  # noqa: E402
+    AMP_MODES,
+    derived_seeds,
+    rank_and_world,
+    rank_device,
+    repo_root,
+    seed_everything,
+)
 from utils.tracking import MetricsLog  # noqa: E402
+from utils.train_nets import networks_accuracy  # noqa: E402
 from utils.trajectory import (  # noqa: E402
     FORMAT,
     Expert,
@@ -121,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder of the difficulty files named by --sort_method")  # fmt: skip
     p.add_argument("--test_every", type=int, default=1,
                    help="test accuracy every K epochs (0: never)")  # fmt: skip
-    p.add_argument("--amp", choices=("off", "bf16"), default="off",
+    p.add_argument("--amp", choices=AMP_MODES, default="off",
                    help="bf16: bfloat16 autocast (off: the paper's float32)")  # fmt: skip
     add_bool_flag(p, "--compile", False,
                   "torch.compile the training forward and backward (faster, float rounding "
@@ -167,8 +175,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError("--remove_easy/--remove_hard need a difficulty order: add --sort_method")
     if args.remove_easy and args.remove_hard:
         raise UserError("give --remove_easy or --remove_hard, not both")
-    if args.model not in MODEL_NAMES:
-        get_network(args.model, 3, 10)  # raises the registry's error listing close matches
+    check_model_names([args.model])
 
 
 def index_file_path(args: argparse.Namespace) -> Path:
@@ -219,12 +226,6 @@ def run_settings(args: argparse.Namespace, data: Data, order: Tensor | None) -> 
 # Training one expert (ALGORITHMS 6)
 
 
-def expert_seeds(seed: int) -> tuple[int, int]:
-    """Two independent seeds from one: network initialisation, and data order + augmentation."""
-    init_seed, data_seed = np.random.SeedSequence(seed).generate_state(2)
-    return int(init_seed), int(data_seed)
-
-
 def epoch_indices(order: Tensor | None, epoch: int, args: argparse.Namespace, n_train: int):
     """The train indices of this epoch and the curriculum's (drop_easy, keep_upto) fractions."""
     if order is None:  # plain MTT/FTD experts: every image, every epoch
@@ -273,19 +274,6 @@ def train_epoch(
     return total_loss.item() / len(shuffled), 100.0 * correct.item() / len(shuffled)
 
 
-@torch.no_grad()
-def test_accuracy(model: nn.Module, images: Tensor, labels: Tensor, amp: bool) -> float:
-    """Accuracy % on the test set, eval mode, no augmentation (logging only)."""
-    model.eval()
-    correct = torch.zeros((), device=images.device, dtype=torch.int64)
-    for start in range(0, len(images), 256):
-        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(images[start : start + 256])
-        correct += (logits.argmax(1) == labels[start : start + 256]).sum()
-    model.train()
-    return 100.0 * correct.item() / len(images)
-
-
 @dataclass
 class Tensors:
     """The data on the training device."""
@@ -307,7 +295,7 @@ def train_expert(
 ) -> tuple[Expert, list[dict]]:
     """Train expert k (seed args.seed + k); returns its train_epochs + 1 snapshots and the
     per-epoch records (also appended to `metrics` with the fields of `extra`)."""
-    init_seed, data_seed = expert_seeds(args.seed + k)
+    init_seed, data_seed = derived_seeds(args.seed + k)
     seed_everything(init_seed)
     device = tensors.images_train.device
     model = get_network(args.model, data.channel, data.num_classes, data.im_size).to(device)
@@ -331,9 +319,10 @@ def train_expert(
         if args.test_every and (
             (epoch + 1) % args.test_every == 0 or epoch + 1 == args.train_epochs
         ):
-            test_acc = test_accuracy(
-                model, tensors.images_test, tensors.labels_test, args.amp == "bf16"
-            )
+            test_acc = networks_accuracy(
+                [model], tensors.images_test, tensors.labels_test, device=device, amp=args.amp,
+                batched=False,
+            )[0]  # fmt: skip
         epochs.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.1f}")
         per_class = torch.bincount(data.labels_train[indices], minlength=data.num_classes)
         records.append({
@@ -347,23 +336,6 @@ def train_expert(
 
 
 # ---------------------------------------------------------------------------------------------
-
-
-def distributed_rank() -> tuple[int, int]:
-    """(rank, world_size) from torchrun's environment; (0, 1) for a plain run."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if not 0 <= rank < world:
-        raise UserError(f"RANK={rank} and WORLD_SIZE={world} are inconsistent")
-    return rank, world
-
-
-def pick_device(spec: str, world: int) -> torch.device:
-    device = resolve_device(spec)
-    if device.type == "cuda" and device.index is None and world > 1:  # one GPU per local rank
-        device = torch.device(
-            "cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()
-        )
-    return device
 
 
 def sidecar_meta(
@@ -391,8 +363,8 @@ def check_compiler(device: torch.device) -> None:
 def main(args: argparse.Namespace) -> None:
     # ---- arguments ---------------------------------------------------------------------------
     check_args(args)
-    rank, world = distributed_rank()
-    device = pick_device(args.device, world)
+    rank, world = rank_and_world()
+    device = rank_device(args.device, world)
     if args.compile:
         check_compiler(device)
     index_path = index_file_path(args) if args.sort_method else None

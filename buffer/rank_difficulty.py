@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import difflib
 import hashlib
 import json
 import shutil
@@ -48,10 +47,9 @@ from utils.config import HelpFormatter, add_bool_flag  # noqa: E402
 from utils.data import Data, get_dataset  # noqa: E402
 from utils.difficulty import METHODS, SCORE_FUNCTIONS, rank_by_class  # noqa: E402
 from utils.io import UserError, load_pt, run_main, save_json, save_pt  # noqa: E402
-from utils.networks import MODEL_NAMES, get_network  # noqa: E402
-from utils.runtime import repo_root, resolve_device, seed_everything  # noqa: E402
+from utils.networks import check_model_names, get_network  # noqa: E402
+from utils.runtime import AMP_MODES, repo_root, resolve_device, seed_everything  # noqa: E402
 
-AMP_MODES = ("off", "bf16")
 SCORE_DEFINITIONS = {
     "GraNd": "|softmax - onehot| * sqrt(1 + |h|^2), h = input of the last Linear (closed-form "
     "norm of the per-image cross-entropy gradient w.r.t. its weight and bias)",
@@ -150,10 +148,7 @@ def check_args(args: argparse.Namespace) -> str:
     methods = {m.lower(): m for m in METHODS}
     if args.method.lower() not in methods:
         raise UserError(f"unknown --method {args.method!r}: expected one of {', '.join(METHODS)}")
-    if args.model not in MODEL_NAMES:
-        close = difflib.get_close_matches(args.model, MODEL_NAMES, n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise UserError(f"unknown --model {args.model!r}{hint}: see utils.networks.MODEL_NAMES")
+    check_model_names([args.model], what="--model")
     checks = [
         (args.repeat >= 1, f"--repeat={args.repeat}: expected at least 1 run"),
         (args.epochs >= 0, f"--epochs={args.epochs}: expected >= 0"),

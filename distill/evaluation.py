@@ -35,18 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils.augment import DSA_STRATEGY  # noqa: E402
 from utils.config import HelpFormatter, add_bool_flag, str2bool  # noqa: E402
 from utils.data import get_dataset  # noqa: E402
-from utils.evaluate import (  # noqa: E402
-    AMP_MODES,
-    EVAL_MODES,
-    check_model_names,
-    check_synset,
-    eval_pool,
-    evaluate_models,
-    random_real_set,
-    rank_and_world,
-)
+from utils.evaluate import EVAL_MODES, eval_pool, evaluate_models, random_real_set  # noqa: E402
 from utils.io import UserError, load_pt, run_main, save_json  # noqa: E402
-from utils.runtime import resolve_device  # noqa: E402
+from utils.networks import check_model_names  # noqa: E402
+from utils.runtime import AMP_MODES, rank_and_world, rank_device  # noqa: E402
 
 RANDOM_LR = 0.01  # --lr_net default for the Random baseline
 
@@ -159,9 +151,7 @@ def main(args: argparse.Namespace) -> dict:
     check_sources(args)
     model_names(args, (32, 32))  # an unknown model or eval_mode fails before the data set loads
     rank, world = rank_and_world()
-    device = resolve_device(args.device)
-    if device.type == "cuda" and device.index is None and world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    device = rank_device(args.device, world)
     if args.random_ipc is None:  # read the small files before the (slow) data set
         images = load_tensor(args.data_dir, "images file (--data_dir)")
         labels = load_tensor(args.label_dir, "labels file (--label_dir)")
@@ -170,7 +160,6 @@ def main(args: argparse.Namespace) -> dict:
                        max_per_class=args.max_per_class)  # fmt: skip
     if args.random_ipc is not None:
         images, labels = random_real_set(data, args.random_ipc, args.seed)
-    lr = check_synset(images, labels, lr, data)
     names = model_names(args, data.im_size)
     results = evaluate_models(
         names, images, labels, lr, data, epochs=args.epoch_eval_train,

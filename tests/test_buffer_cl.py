@@ -28,7 +28,7 @@ import buffer_CL  # noqa: E402
 from utils.data import get_dataset  # noqa: E402
 from utils.io import run_main  # noqa: E402
 from utils.networks import get_network  # noqa: E402
-from utils.runtime import seed_everything  # noqa: E402
+from utils.runtime import derived_seeds, seed_everything  # noqa: E402
 from utils.trajectory import expert_dir, list_expert_files, load_expert_file, load_sidecar  # noqa: E402
 
 CLASSES, PER_CLASS, EPOCHS, EXPERTS, INTERVAL = 3, 8, 3, 3, 2
@@ -151,7 +151,7 @@ def test_expert_files_hold_the_reference_format(env, first_run):
             assert all(t.dtype == torch.float32 and t.device.type == "cpu" for t in snapshot)
         assert not torch.equal(expert[0][0], expert[-1][0])  # trained, and no aliasing
         # snapshot 0 is the initialisation drawn from expert k's own seed (seed + k)
-        seed_everything(buffer_CL.expert_seeds(0 + k)[0])
+        seed_everything(derived_seeds(0 + k)[0])
         init = get_network("ConvNetD1", data.channel, data.num_classes, data.im_size)
         assert all(torch.equal(a, b) for a, b in zip(expert[0], init.parameters(), strict=True))
     assert not torch.equal(experts[0][0][0], experts[1][0][0])  # different seeds

@@ -1,4 +1,5 @@
-"""utils/data.py on tiny generated data sets: labels, order, caching, IDX files, ZCA, errors."""
+"""get_dataset on tiny generated data sets (utils/data.py, data_sources.py, decode.py,
+tensor_cache.py): labels, order, caching, IDX files, the fitted ZCA, errors."""
 
 import gzip
 import pickle
@@ -11,8 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-import utils.data as data_module
-from utils.data import ZCA, get_dataset, read_idx
+import utils.data_sources as data_sources
+import utils.decode as decode
+from tests.conftest import closed_form_whitened_covariance, covariance
+from utils.data import get_dataset
+from utils.decode import read_idx
 from utils.io import UserError
 
 # Created in an order that is not sorted, so the test sees the loader sort them.
@@ -138,7 +142,7 @@ def test_second_load_comes_from_the_cache(tmp_path, monkeypatch):
     for f in (tmp_path / "data").rglob("*.png"):
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(f)
     calls = []
-    monkeypatch.setattr(data_module, "_read_image", lambda path: calls.append(path))
+    monkeypatch.setattr(decode, "read_image", lambda path: calls.append(path))
     second = get_dataset("ImageFolder", str(tmp_path / "data"))
     assert calls == []
     assert second.class_names == first.class_names
@@ -195,57 +199,21 @@ def test_read_idx_rejects_a_truncated_file(tmp_path):
 
 
 def test_mnist_missing_says_how_to_get_it(tmp_path, monkeypatch):
-    monkeypatch.setitem(data_module.SYSTEM_IDX_DIRS, "FashionMNIST", tmp_path / "nowhere")
+    monkeypatch.setitem(data_sources.SYSTEM_IDX_DIRS, "FashionMNIST", tmp_path / "nowhere")
     with pytest.raises(UserError, match="apt-get install dataset-fashion-mnist"):
         get_dataset("FashionMNIST", str(tmp_path), download=False, cache_dir=str(tmp_path))
-
-
-def correlated_images(n: int, seed: int) -> torch.Tensor:
-    """[n, 3, 4, 4] in [0, 1] with a strongly non-isotropic covariance."""
-    gen = torch.Generator().manual_seed(seed)
-    mixing = torch.randn(48, 48, generator=gen) * torch.linspace(0.01, 1, 48)
-    x = torch.rand(n, 48, generator=gen) @ mixing
-    x = (x - x.min()) / (x.max() - x.min())
-    return x.reshape(n, 3, 4, 4)
-
-
-def closed_form_whitened_covariance(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """U diag(lam / (lam + eps)) U^T of the unbiased covariance of x, in float64."""
-    flat = x.reshape(len(x), -1).double()
-    centred = flat - flat.mean(dim=0)
-    lam, u = torch.linalg.eigh(centred.T @ centred / (len(x) - 1))
-    return u @ torch.diag(lam / (lam + eps)) @ u.T
-
-
-def covariance(z: torch.Tensor) -> torch.Tensor:
-    flat = z.reshape(len(z), -1).double()
-    centred = flat - flat.mean(dim=0)
-    return centred.T @ centred / (len(z) - 1)
-
-
-def test_zca_inverse_and_whitened_covariance():
-    x = correlated_images(300, seed=0)
-    zca = ZCA.fit(x)
-    z = zca(x)
-    assert z.shape == x.shape
-    assert (zca.inverse(z) - x).abs().max() < 1e-3
-    expected = closed_form_whitened_covariance(x, eps=0.1)
-    assert (covariance(z) - expected).abs().max() < 1e-4
-    assert expected.diagonal().min() < 0.5  # eps matters here: the check could tell eps apart
-
-    restored = ZCA.from_state_dict(zca.state_dict())
-    assert torch.equal(restored(x[:5]), z[:5])
-    in_place = x.clone()
-    assert zca(in_place, out=in_place) is in_place and torch.allclose(in_place, z, atol=1e-6)
 
 
 def test_get_dataset_zca_fits_full_train_set_and_caches_it(tmp_path):
     make_image_folder(tmp_path / "data", size=4)
     cache = str(tmp_path / "cache")
     full = get_dataset("ImageFolder", str(tmp_path / "data"), zca=True, cache_dir=cache)
-    pixels_train = torch.tensor(
-        [[[[v + k] * 4] * 4 for k in range(3)] for _, v in expected_order("train")]
-    ).double() / 255
+    pixels_train = (
+        torch.tensor(
+            [[[[v + k] * 4] * 4 for k in range(3)] for _, v in expected_order("train")]
+        ).double()
+        / 255
+    )
     expected = closed_form_whitened_covariance(pixels_train, eps=0.1)
     assert (covariance(full.images_train) - expected).abs().max() < 1e-4
     viewable = (full.to_viewable(full.images_test) * 255).round()[:, 0, 0, 0]

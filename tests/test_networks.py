@@ -5,7 +5,13 @@ import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 
 from utils.io import UserError
-from utils.networks import MODEL_NAMES, count_parameters, get_network, last_linear
+from utils.networks import (
+    MODEL_NAMES,
+    check_model_names,
+    count_parameters,
+    get_network,
+    last_linear,
+)
 
 # REFERENCE_NOTES 1.4 (+ _Tiny variants), written out by hand so a missing name fails
 EXPECTED_NAMES = {
@@ -22,13 +28,8 @@ EXPECTED_NAMES = {
 DEEP_CONVNET_SIZE = {"ConvNetD6": 64, "ConvNetD7": 128, "ConvNetD8": 256}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # the big models run ~4x slower when two torch threads compete with other jobs for 2 cores
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# the big models run ~4x slower when two torch threads compete with other jobs for 2 cores
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def intended_size(name):
@@ -165,6 +166,14 @@ def test_unknown_name_suggests_close_matches():
     assert "did you mean ResNet18BN" in str(info.value)
     with pytest.raises(UserError, match="did you mean ConvNetD"):
         get_network("ConvNetD9", 3, 10)
+
+
+def test_check_model_names_names_the_first_unknown_and_the_flag():
+    check_model_names(["ConvNet", "ResNet18BN_Tiny"])  # known names pass
+    with pytest.raises(UserError, match="unknown --model 'ConvNetW33': did you mean ConvNetW32"):
+        check_model_names(["ConvNet", "ConvNetW33", "Nope"], what="--model")
+    with pytest.raises(UserError, match="^unknown model 'Nope': valid names"):
+        check_model_names(["Nope"])
 
 
 def test_no_reseeding_inside_the_factory():

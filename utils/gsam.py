@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from utils.io import UserError
+from utils.trajectory import flatten_params, unflatten_params
 
 EPS = 1e-12  # the reference's perturb_eps, in every division
 
@@ -78,10 +79,10 @@ class GSAM:
 
         shapes = [p.shape for p in params]
         with torch.no_grad():
-            weights = _flatten(params)  # a copy: restores w bit-exactly after the ascent
-            grad = _flatten([p.grad for p in params])
+            weights = flatten_params(params)  # a copy: restores w bit-exactly after the ascent
+            grad = flatten_params([p.grad for p in params])
             ascent = self._ascent(weights, grad)  # ALGORITHMS 6: e
-            torch._foreach_add_(params, _unflatten(ascent, shapes))
+            torch._foreach_add_(params, unflatten_params(ascent, shapes))
 
         self.zero_grad()
         bn_saved = [buffer.clone() for buffer in self._bn_buffers]
@@ -92,9 +93,9 @@ class GSAM:
             missing = [i for i, p in enumerate(params) if p.grad is None]
             if missing:
                 raise RuntimeError(f"GSAM: parameters {missing} got no gradient in the 2nd pass")
-            direction = self._direction(grad, _flatten([p.grad for p in params]))
-            torch._foreach_copy_(params, _unflatten(weights, shapes))
-            torch._foreach_copy_([p.grad for p in params], _unflatten(direction, shapes))
+            direction = self._direction(grad, flatten_params([p.grad for p in params]))
+            torch._foreach_copy_(params, unflatten_params(weights, shapes))
+            torch._foreach_copy_([p.grad for p in params], unflatten_params(direction, shapes))
         self.base_optimizer.step()
         return loss.detach(), logits.detach()
 
@@ -113,12 +114,3 @@ class GSAM:
         cosine = torch.dot(grad, grad_perturbed) / (norm * norm_perturbed + EPS)
         vertical = grad - (cosine * norm / (norm_perturbed + EPS)) * grad_perturbed
         return grad_perturbed - self.alpha * vertical
-
-
-def _flatten(tensors: list[Tensor]) -> Tensor:
-    return torch.cat([t.reshape(-1) for t in tensors])
-
-
-def _unflatten(flat: Tensor, shapes: list[torch.Size]) -> list[Tensor]:
-    sizes = [math.prod(shape) for shape in shapes]
-    return [part.view(shape) for part, shape in zip(flat.split(sizes), shapes, strict=True)]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import difflib
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import partial
 
 import torch.nn as nn
@@ -372,14 +372,18 @@ _REGISTRY: dict[str, _Builder] = {
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
 
-def _unknown_name_error(name: str) -> UserError:
-    by_lower = {n.lower(): n for n in MODEL_NAMES}
-    close = [by_lower[m] for m in difflib.get_close_matches(name.lower(), by_lower, n=4)]
-    hint = f"did you mean {', '.join(close)}? " if close else ""
-    return UserError(
-        f"unknown model {name!r}: {hint}valid names are utils.networks.MODEL_NAMES: "
-        + ", ".join(MODEL_NAMES)
-    )
+def check_model_names(names: Iterable[str], what: str = "model") -> None:
+    """UserError naming the first name the registry lacks, with its close matches; `what` names
+    the value in the message (e.g. "--model")."""
+    for name in names:
+        if name not in _REGISTRY:
+            by_lower = {n.lower(): n for n in MODEL_NAMES}
+            close = [by_lower[m] for m in difflib.get_close_matches(name.lower(), by_lower, n=4)]
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise UserError(
+                f"unknown {what} {name!r}: {hint}valid names are utils.networks.MODEL_NAMES: "
+                + ", ".join(MODEL_NAMES)
+            )
 
 
 def get_network(
@@ -387,9 +391,8 @@ def get_network(
 ) -> nn.Module:
     """Build model `name` for `channel` x im_size inputs and `num_classes` outputs (CPU, train
     mode, PyTorch default initialisation drawn from the global torch RNG, no reseeding)."""
-    builder = _REGISTRY.get(name)
-    if builder is None:
-        raise _unknown_name_error(name)
+    check_model_names([name])
+    builder = _REGISTRY[name]
     if channel < 1 or num_classes < 1:
         raise UserError(
             f"model {name}: channel={channel} and num_classes={num_classes} must both be >= 1"

@@ -1,7 +1,8 @@
-"""Devices, seeds and random-number-generator state."""
+"""Devices, torchrun ranks, seeds and random-number-generator state."""
 
 from __future__ import annotations
 
+import os
 import random
 import warnings
 from pathlib import Path
@@ -11,6 +12,8 @@ import numpy as np
 import torch
 
 from utils.io import UserError
+
+AMP_MODES = ("off", "bf16")  # --amp: float32, or bfloat16 autocast in the forward passes
 
 
 def repo_root() -> Path:
@@ -45,6 +48,49 @@ def resolve_device(spec: str | int | list | None = "auto") -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"unsupported device {spec!r}: expected auto, cpu, cuda or cuda:N")
     return device
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(RANK, WORLD_SIZE) from torchrun's environment; (0, 1) for a plain run."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if not 0 <= rank < world:
+        raise UserError(f"RANK={rank} and WORLD_SIZE={world} are inconsistent")
+    return rank, world
+
+
+def rank_device(spec: str, world: int) -> torch.device:
+    """`resolve_device(spec)`, except that under torchrun (world > 1) a device without an index
+    becomes this process's GPU: LOCAL_RANK modulo the GPUs this machine has."""
+    device = resolve_device(spec)
+    if device.type == "cuda" and device.index is None and world > 1:
+        device = torch.device(
+            "cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()
+        )
+    return device
+
+
+def gather_objects(local: Any, world: int) -> list[Any]:
+    """Every rank's `local`, in rank order, over gloo ([local] for a plain run). A process group
+    is created for the call, and destroyed after it, when the caller has none."""
+    if world == 1:
+        return [local]
+    import torch.distributed as dist
+
+    owned = not dist.is_initialized()
+    if owned:
+        dist.init_process_group("gloo")
+    shares: list[Any] = [None] * world
+    dist.all_gather_object(shares, local)
+    if owned:
+        dist.destroy_process_group()
+    return shares
+
+
+def derived_seeds(*keys: int) -> tuple[int, int]:
+    """Two independent seeds (network initialisation, data order and augmentation) from the
+    integers `keys`, by NumPy's SeedSequence: keys (s,) give the seeds of SeedSequence(s)."""
+    init_seed, data_seed = np.random.SeedSequence(list(keys)).generate_state(2)
+    return int(init_seed), int(data_seed)
 
 
 def seed_everything(seed: int) -> None:

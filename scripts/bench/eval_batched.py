@@ -32,18 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from flops import large_batch_train_gflops, train_gflop_per_image  # noqa: E402
 
 from utils.data import Data, get_dataset  # noqa: E402
-from utils.evaluate import (  # noqa: E402
-    EvalResult,
-    TrainConfig,
-    data_generators,
-    init_networks,
-    networks_accuracy,
-    random_real_set,
-    train_networks,
-)
+from utils.evaluate import EvalResult, data_generators, init_networks, random_real_set  # noqa: E402
 from utils.io import UserError, run_main, save_json  # noqa: E402
 from utils.networks import get_network  # noqa: E402
 from utils.runtime import resolve_device  # noqa: E402
+from utils.train_nets import TrainConfig, networks_accuracy, train_networks  # noqa: E402
 
 MODES = {  # name: (batched, amp)
     "sequential": (False, "off"),
