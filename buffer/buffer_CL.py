@@ -1,4 +1,5 @@
-"""Expert trajectories with a curriculum and GSAM (ALGORITHMS 6) -> `replay_buffer_<n>.pt` files.
+"""Expert trajectories with a curriculum and GSAM (docs/algorithms.md#curriculum-experts-with-gsam)
+-> `replay_buffer_<n>.pt` files.
 
 Every expert is a freshly initialised network trained `--train_epochs` epochs with GSAM on SGD;
 its parameters are recorded before training and after every epoch. With `--sort_method NAME` each
@@ -81,7 +82,7 @@ CURRICULUM_KEYS = (
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    # ALGORITHMS 6 / REFERENCE_NOTES 4.2: the reference's flags and defaults
+    # docs/hyperparameters.md#expert-training-flags: the reference's flags and defaults
     p.add_argument("--dataset", default="CIFAR10", help="data set name (as in the distillation)")
     p.add_argument("--subset", default="imagenette", help="ImageNet subset")
     p.add_argument("--model", default="ConvNet", help="expert architecture")
@@ -138,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use the first N train images of each class (none: all)")  # fmt: skip
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0, help="expert k is seeded with seed + k")
-    p.add_argument("--res", type=int, default=32, help="ImageNet folder level (ALGORITHMS 6)")
+    p.add_argument(
+        "--res", type=int, default=32, help="ImageNet folder level (docs/formats.md#expert-folder)"
+    )
     p.add_argument("--remove_easy", type=float, default=0.0,
                    help="ablation (buffer_RM): train every epoch without the easiest fraction "
                    "of each class, instead of the curriculum")  # fmt: skip
@@ -158,7 +161,7 @@ def check_args(args: argparse.Namespace) -> None:
         if getattr(args, name) < 1:
             raise UserError(f"--{name} {getattr(args, name)}: expected at least 1")
     validate_curriculum(**{key: getattr(args, key) for key in CURRICULUM_KEYS})
-    if args.rho_min != args.rho_max:  # REFERENCE_NOTES 4.5: rho is the constant rho_max
+    if args.rho_min != args.rho_max:  # docs/algorithms.md#gsam: rho is the constant rho_max
         raise UserError(
             f"--rho_min {args.rho_min} differs from --rho_max {args.rho_max}: with a constant "
             "learning rate GSAM's rho is constant; pass the same value to both"
@@ -223,7 +226,7 @@ def run_settings(args: argparse.Namespace, data: Data, order: Tensor | None) -> 
 
 
 # ---------------------------------------------------------------------------------------------
-# Training one expert (ALGORITHMS 6)
+# Training one expert (docs/algorithms.md#training-one-expert)
 
 
 def epoch_indices(order: Tensor | None, epoch: int, args: argparse.Namespace, n_train: int):

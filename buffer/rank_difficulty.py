@@ -1,4 +1,5 @@
-"""Rank every training image from easy to hard: the difficulty-index file of ALGORITHMS 5.
+"""Rank every training image from easy to hard: the difficulty-index file of
+docs/formats.md#index-files.
 
 Trains `--repeat` independently initialised networks for `--epochs` epochs on the train set
 (DeepCore's protocol: SGD with Nesterov momentum, constant learning rate, no augmentation),
@@ -117,7 +118,8 @@ def main(args: argparse.Namespace) -> Path:
         runs.append(run)
     per_repeat = torch.stack(per_repeat)  # [repeat, N]
     mean_scores = per_repeat.double().mean(dim=0)
-    order = rank_by_class(mean_scores, data.labels_train, data.num_classes)  # ALGORITHMS 5
+    # docs/formats.md#index-files
+    order = rank_by_class(mean_scores, data.labels_train, data.num_classes)
 
     scores_path = target.with_name(f"{name}.scores.pt")
     save_pt({"scores": mean_scores, "per_repeat": per_repeat}, scores_path)

@@ -1,4 +1,5 @@
-"""Evaluate a distilled set, or the Random baseline, by the protocol of ALGORITHMS 8.
+"""Evaluate a distilled set, or the Random baseline, by the protocol of
+docs/algorithms.md#evaluation-protocol.
 
 Trains `--num_eval` fresh networks per model of the pool on the set, tests them on the real test
 set, prints one line per model and writes `eval_<name>.json`. The README's command works as is,
@@ -45,7 +46,7 @@ RANDOM_LR = 0.01  # --lr_net default for the Random baseline
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    # the reference's flags (ALGORITHMS 8)
+    # the reference's flags (docs/hyperparameters.md#evaluation-flags)
     p.add_argument("--dataset", default="CIFAR10", help="data set of the distilled images")
     p.add_argument("--subset", default="imagenette", help="ImageNet subset")
     p.add_argument("--model", default="ConvNet", help="the distillation model (eval_mode S, C)")
@@ -185,9 +186,16 @@ def main(args: argparse.Namespace) -> dict:
         "torch": torch.__version__,
         "models": {
             r.model: {
-                "accs": r.accs, "mean": r.mean, "std": r.std, "epochs": r.epochs, "lr": r.lr,
-                "batch": r.batch, "seed": args.seed, "device": str(device),
-                "seconds": r.seconds, "mode": r.mode,
+                "accs": r.accs,
+                "mean": r.mean,
+                "std": r.std,
+                "epochs": r.epochs,
+                "lr": r.lr,
+                "batch": r.batch,
+                "seed": args.seed,
+                "device": str(device),
+                "seconds": r.seconds,
+                "mode": r.mode,
             }  # fmt: skip
             for r in results
         },

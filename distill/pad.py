@@ -1,4 +1,5 @@
-"""PAD distillation: DATM's trajectory matching with PAD's parameter mask (ALGORITHMS 7).
+"""PAD distillation: DATM's trajectory matching with PAD's parameter mask
+(docs/algorithms.md#distillation).
 
 Run through the two entry points of the paper's README, from distill/ or the repository root:
 
@@ -6,11 +7,13 @@ Run through the two entry points of the paper's README, from distill/ or the rep
     python PAD_depth.py --cfg ../configs/CIFAR-10/ConvIN/IPC10.yaml    # drop shallow parameters
     python PAD_loss.py --cfg ../configs/CIFAR-10/ConvIN/IPC10.yaml     # drop smallest-loss ones
 
-Any config key can follow as `--key value` (ALGORITHMS 9), e.g. `--Iteration 2000 --device cpu`.
+Any config key can follow as `--key value` (docs/hyperparameters.md#distillation-config-keys), e.g.
+`--Iteration 2000 --device cpu`.
 
 Outputs, in `<out_dir>/<dataset>/<ipc>/<model>/<run name>/` (out_dir `logged_files`, relative to
 the working directory like the reference):
-    Normal/images_<it>.pt, labels_<it>.pt, lr_<it>.pt     the reference's files (ALGORITHMS 7.6)
+    Normal/images_<it>.pt, labels_<it>.pt, lr_<it>.pt     the reference's files
+                                                          (docs/formats.md#distilled-sets)
     Normal/images_best.pt, labels_best.pt, lr_best.pt   when the evaluated accuracy improved
     Normal/images_zca_<it>.pt                           viewable (inverse-ZCA) images, with zca
     images_<it>.png, images_clipped_<it>.png            image grids (ipc < 50 or force_save)
@@ -91,7 +94,9 @@ CHECKPOINT_VERSION = 1
 def main(mask_name: str, argv: list[str] | None = None) -> dict:
     """Distill with PAD's mask `mask_name` ("depth" or "loss"); returns a summary of the run."""
     # ---- arguments ---------------------------------------------------------------------------
-    cfg = parse_config_args(argv, description=f"PAD distillation, {mask_name} mask (ALGORITHMS 7)")
+    cfg = parse_config_args(
+        argv, description=f"PAD distillation, {mask_name} mask (docs/algorithms.md#distillation)"
+    )
     ratio_key = RATIO_KEYS[mask_name]
     mask = make_mask(mask_name, getattr(cfg, ratio_key), key=ratio_key)
     check_settings(cfg)
@@ -129,12 +134,13 @@ def main(mask_name: str, argv: list[str] | None = None) -> dict:
         restore(checkpoint, optimizers, generators, sampler, progress)
     run = open_run(cfg, run_dir, checkpoint, data, device, progress)
 
-    # ---- the loop: it = 0 .. Iteration (ALGORITHMS 7.5) --------------------------------------
+    # ---- the loop: it = 0 .. Iteration (docs/algorithms.md#one-iteration) ------------------------
     iterations = range(progress.next_iteration, cfg.Iteration + 1)
     bar = tqdm(iterations, initial=iterations.start, total=cfg.Iteration + 1, disable=None)
     with StopOnSignal() as stop:
         for it in bar:
-            if it in eval_its:  # ALGORITHMS 7.6: before this iteration's update
+            # docs/algorithms.md#evaluation-and-saving-cadence: before this iteration's update
+            if it in eval_its:
                 improved = evaluate(run, it, syn)
                 numbered = improved or it % 1000 == 0 or it == eval_its[-1]
                 write_outputs(run, it, syn, best=improved, numbered=numbered)
@@ -238,8 +244,9 @@ class Matcher:
 
 
 def check_settings(cfg: SimpleNamespace) -> None:
-    """One-line UserErrors for settings the loop cannot run with (ALGORITHMS 9); the mask ratio,
-    syn_steps and batch_syn are checked by make_mask and InnerSteps."""
+    """One-line UserErrors for settings the loop cannot run with
+    (docs/hyperparameters.md#distillation-config-keys); the mask ratio, syn_steps and batch_syn are
+    checked by make_mask and InnerSteps."""
     check_choice("memory", cfg.memory, MEMORY_MODES)
     check_choice("pix_init", cfg.pix_init, PIX_INITS)
     minimums = {
@@ -259,13 +266,14 @@ def check_settings(cfg: SimpleNamespace) -> None:
 
 
 def run_folder(cfg: SimpleNamespace, mask: str) -> Path:
-    """`<out_dir>/<dataset>/<ipc>/<model>/<run name>` (REFERENCE_NOTES 6.12), never from wandb."""
+    """`<out_dir>/<dataset>/<ipc>/<model>/<run name>` (docs/formats.md#run-folder-layout),
+    never from wandb."""
     name = cfg.name if cfg.name != "RANDOM" else f"{cfg.dataset}-IPC{cfg.ipc}-{mask}-s{cfg.seed}"
     return Path(cfg.out_dir) / cfg.dataset / str(cfg.ipc) / cfg.model / name
 
 
 def refuse_existing_run(run_dir: Path) -> None:
-    """A run folder is never silently reused (REFERENCE_NOTES 9.2 #22)."""
+    """A run folder is never silently reused (docs/differences.md#unique-run-folders)."""
     if (run_dir / "checkpoint.pt").exists():
         raise UserError(
             f"{run_dir} already holds a run: continue it with --resume true, or give this run "
@@ -361,7 +369,7 @@ def open_run(
     return Run(cfg, data, device, run_dir, tracker, progress, eval_models)
 
 
-# ---- the synthetic set (ALGORITHMS 7.2-7.4) ----------------------------------------------------
+# ---- the synthetic set (docs/algorithms.md#the-synthetic-set) ------------------------------------
 
 
 def synthetic_set(
@@ -402,7 +410,8 @@ def initial_synset(
     device: torch.device,
     generator: torch.Generator,
 ) -> tuple[Tensor, Tensor]:
-    """Initial images (ALGORITHMS 7.2) and soft labels (7.3), on the CPU."""
+    """Initial images (docs/algorithms.md#initial-images) and soft labels
+    (docs/algorithms.md#soft-labels), on the CPU."""
     labels = hard_labels(data.num_classes, cfg.ipc)
     label_student = student
     if cfg.Initialize_Label_With_Another_Model:
@@ -428,7 +437,8 @@ def initial_synset(
             image_syn = data.images_train[real_image_indices(indices_class, cfg.ipc, generator)]
         else:
             image_syn = noise_images(len(labels), data.channel, data.im_size, generator)
-        # REFERENCE_NOTES 6.5: the logits of the first expert's last snapshot, no averaging
+        # docs/algorithms.md#soft-labels: the logits of the first expert's last
+        # snapshot, no averaging
         first = label_snapshots(files[:1], -1, label_student.model)[0]
         label_syn = expert_logits(label_student, image_syn, first, device)
     accuracy = (label_syn.argmax(1) == labels).float().mean().item() * 100
@@ -482,7 +492,8 @@ def log_step(run: Run, it: int, result: MatchResult, start_epoch: int, syn: SynS
 
 
 def evaluate(run: Run, it: int, syn: SynSet) -> bool:
-    """Train num_eval networks per pool model on the current set (ALGORITHMS 8).
+    """Train num_eval networks per pool model on the current set
+    (docs/algorithms.md#evaluation-protocol).
 
     Returns True when some model's mean accuracy beat its best so far.
     """
@@ -525,7 +536,7 @@ def evaluate(run: Run, it: int, syn: SynSet) -> bool:
 
 
 def write_outputs(run: Run, it: int, syn: SynSet, *, best: bool, numbered: bool) -> None:
-    """The reference's files (ALGORITHMS 7.6), image grids and the loss curve."""
+    """The reference's files (docs/formats.md#distilled-sets), image grids and the loss curve."""
     cfg, normal = run.cfg, run.dir / "Normal"
     tensors = syn.cpu()
     tags = ([str(it)] if numbered else []) + (["best"] if best else [])

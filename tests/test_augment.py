@@ -127,7 +127,7 @@ def test_translate_fills_borders_with_zero_and_zero_shift_is_identity():
 
 
 def test_translate_matches_the_reference_padded_indexing():
-    # REFERENCE_NOTES 3.3: pad by one, read xpad[clamp(i + tx + 1, 0, H + 1), ...]
+    # docs/algorithms.md#dsa-operations: pad by one, read xpad[clamp(i + tx + 1, 0, H + 1), ...]
     x = images(b=8, h=12, w=9, seed=13)  # not square: rows and columns must not be mixed up
     params = sample_dsa_params(8, (12, 9), "crop", generator=gen(14))
     p = params.ops[0][1]
@@ -165,7 +165,8 @@ def test_cutout_zeroes_at_most_a_half_size_square_and_keeps_the_rest():
 
 
 def test_cutout_matches_the_reference_clamped_square():
-    # REFERENCE_NOTES 3.3: rows clamp(ox - hs // 2 + k, 0, H - 1), k < hs; same for columns
+    # docs/algorithms.md#dsa-operations: rows clamp(ox - hs // 2 + k, 0, H - 1), k <
+    # hs; same for columns
     x = images(b=8, h=10, w=10, seed=17)
     params = sample_dsa_params(8, (10, 10), "cutout", generator=gen(18))
     p = params.ops[0][1]
@@ -184,8 +185,9 @@ def test_cutout_centre_range_and_hand_set_truncated_square():
     centre = p["top"] + 8
     assert centre.min() == 0 and centre.max() == 32  # even side 16: [0, H] inclusive
     assert (p["bottom"] - p["top"] == 16).all() and (p["right"] - p["left"] == 16).all()
-    out = apply_dsa(torch.ones(1, 1, 8, 8), one_op("cutout", top=[-2], bottom=[2], left=[5],
-                                                    right=[9]))
+    out = apply_dsa(
+        torch.ones(1, 1, 8, 8), one_op("cutout", top=[-2], bottom=[2], left=[5], right=[9])
+    )
     assert out.sum() == 64 - 2 * 3
     assert (out[0, 0, :2, 5:] == 0).all()
 
@@ -199,8 +201,9 @@ def test_color_with_hand_set_parameters_matches_the_formulas():
     values = [[0.1, 0.4], [0.3, -0.2], [1.0, 0.5]]  # [channel][pixel]
     values = [[v + 0.25 for v in ch] for ch in values]
     pixel_mean = [sum(values[c][j] for c in range(3)) / 3 for j in range(2)]
-    values = [[(values[c][j] - pixel_mean[j]) * 1.5 + pixel_mean[j] for j in range(2)]
-              for c in range(3)]
+    values = [
+        [(values[c][j] - pixel_mean[j]) * 1.5 + pixel_mean[j] for j in range(2)] for c in range(3)
+    ]
     image_mean = sum(sum(ch) for ch in values) / 6
     values = [[(v - image_mean) * 0.8 + image_mean for v in ch] for ch in values]
     torch.testing.assert_close(out, torch.tensor(values).view(1, 3, 1, 2))
@@ -220,8 +223,7 @@ def test_color_matches_the_three_steps_per_image():
 
 def test_color_and_affine_parameters_cover_their_ranges():
     param = ParamDiffAug(aug_mode="M")
-    params = sample_dsa_params(4000, (32, 32), "color_scale_rotate", generator=gen(20),
-                               param=param)
+    params = sample_dsa_params(4000, (32, 32), "color_scale_rotate", generator=gen(20), param=param)
     color, scale, rotate = (p for _, p in params.ops)
     for values, low, high in [
         (color["brightness"], -0.5, 0.5),
@@ -331,8 +333,12 @@ def test_dc_crop_is_a_shift_in_range_filled_with_channel_means():
     for b in range(100):
         padded = mean.expand(3, 14, 14).clone()  # DC: pad by crop = 4 with the channel means
         padded[:, 4:10, 4:10] = x[b]
-        found = [(r, c) for r in range(9) for c in range(9)
-                 if torch.allclose(out[b], padded[:, r : r + 6, c : c + 6], atol=1e-6)]
+        found = [
+            (r, c)
+            for r in range(9)
+            for c in range(9)
+            if torch.allclose(out[b], padded[:, r : r + 6, c : c + 6], atol=1e-6)
+        ]
         assert len(found) == 1
         offsets.add(found[0])
     # DC draws the corner r, c each in [0, 2 * crop)
@@ -356,8 +362,12 @@ def test_dc_scale_matches_the_dc_resize_for_some_size_in_range():
     out = dc_augment(x, generator=gen(36), param=ParamDCAug(strategy="scale"))
     sizes = set()
     for b in range(40):
-        found = [(h, w) for h in range(7, 13) for w in range(7, 13)
-                 if torch.equal(out[b], dc_reference_scale(x[b], h, w))]
+        found = [
+            (h, w)
+            for h in range(7, 13)
+            for w in range(7, 13)
+            if torch.equal(out[b], dc_reference_scale(x[b], h, w))
+        ]
         assert len(found) == 1
         sizes.add(found[0])
     assert {h for h, _ in sizes} == {8, 9, 10, 11}  # int(U[0.8, 1.2) * 10)

@@ -237,7 +237,8 @@ def test_cifar10_from_image_folder_copy_in_subfolder(tmp_path):
             Image.fromarray(np.full((32, 32, 3), 20 * label, np.uint8)).save(folder / "0000.jpg")
     data = get_dataset("CIFAR10", str(tmp_path), download=False, cache_dir=str(tmp_path / "c"))
     assert data.class_names == names and data.labels_train.tolist() == list(range(10))
-    assert data.mean == [0.4914, 0.4822, 0.4465]  # ALGORITHMS 2 constants, not measured
+    # constants of docs/algorithms.md#data-sets, not measured
+    assert data.mean == [0.4914, 0.4822, 0.4465]
     pixels = to_pixels(data, data.images_train)[:, :, 16, 16].float().mean(dim=1)
     assert (pixels - torch.arange(10) * 20).abs().max() <= 2  # JPEG is lossy
 

@@ -1,4 +1,5 @@
-"""utils/difficulty.py: the curriculum (ALGORITHMS 6), index files and scores (ALGORITHMS 5)."""
+"""utils/difficulty.py: the curriculum (docs/algorithms.md#the-curriculum), index files and scores
+(docs/algorithms.md#difficulty-scores-and-index-files)."""
 
 import json
 
@@ -47,7 +48,7 @@ def test_readme_schedule_images_per_class(n, kept):
 def test_ramp_fractions_and_float64_truncation():
     assert curriculum_fraction(0, **README) == (0.0, 0.75)
     assert curriculum_fraction(10, **README) == (0.0, 0.875)
-    # REFERENCE_NOTES 4.3: epoch 1 keeps int(0.7625 * 5000) = int(3812.5) = 3812
+    # docs/algorithms.md#the-curriculum: epoch 1 keeps int(0.7625 * 5000) = int(3812.5) = 3812
     assert len(curriculum_indices(torch.zeros(1, 5000, dtype=torch.int64), 1, **README)) == 3812
     assert len(curriculum_indices(torch.zeros(1, 5000, dtype=torch.int64), 19, **README)) == 4937
     # 0.29 * 100 is 28.999999999999996 in float64: int() drops 28 images, not 29

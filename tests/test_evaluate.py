@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_every_eval_mode_expands_to_its_documented_list():
-    # written out again from REFERENCE_NOTES 7.3 / ALGORITHMS 3, not copied from the module
+    # written out again from docs/algorithms.md#model-pools, not copied from the module
     fixed = {
         "M": ["ConvNet", "AlexNet", "VGG11", "ResNet18"],
         "W": ["ConvNetW32", "ConvNetW64", "ConvNetW128", "ConvNetW256"],

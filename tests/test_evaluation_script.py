@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_color_image_folder  # noqa: E402
 
 from distill import evaluation
 from utils.io import UserError
-
-from conftest import make_color_image_folder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES, SIZE = 3, 16

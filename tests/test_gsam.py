@@ -1,4 +1,4 @@
-"""utils/gsam.py against hand-computed updates (ALGORITHMS 6, REFERENCE_NOTES 4.5)."""
+"""utils/gsam.py against hand-computed updates (docs/algorithms.md#gsam)."""
 
 import copy
 
@@ -28,7 +28,8 @@ class TwoScalars(nn.Module):
 
 
 def hand_gsam_update(w, rho, alpha, lr, adaptive):
-    """GSAM by the formulas of ALGORITHMS 6, written out for the quadratic (gradient A w)."""
+    """GSAM by the formulas of docs/algorithms.md#gsam, written out for the
+    quadratic (gradient A w)."""
     g = A @ w
     if adaptive:
         e = rho * w**2 * g / (torch.linalg.norm(w.abs() * g) + 1e-12)

@@ -13,7 +13,7 @@ from utils.networks import (
     last_linear,
 )
 
-# REFERENCE_NOTES 1.4 (+ _Tiny variants), written out by hand so a missing name fails
+# docs/algorithms.md#model-names (+ _Tiny variants), written out by hand so a missing name fails
 EXPECTED_NAMES = {
     "MLP", "MLP_Tiny", "ConvNet", "LeNet", "LeNet_Tiny", "AlexNet", "AlexNet_Tiny",
     "VGG11", "VGG11_Tiny", "VGG11BN", "ResNet18", "ResNet18BN", "ResNet18_Tiny",
@@ -75,7 +75,8 @@ def test_convnet_default_is_width128_depth3_instancenorm():
 
 
 def test_convnet_flat_layout_matches_reference_offsets():
-    # REFERENCE_NOTES 1.2: CIFAR-10 ConvNet offsets; CIFAR-100 and Tiny ConvNetD4 totals
+    # docs/algorithms.md#the-flattened-parameter-vector: CIFAR-10 ConvNet offsets; CIFAR-100 and
+    # Tiny ConvNetD4 totals
     model = get_network("ConvNet", 3, 10, (32, 32))
     names = [n for n, _ in model.named_parameters()]
     expected = []

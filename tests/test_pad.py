@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_color_image_folder  # noqa: E402
 
 from distill import pad
 from utils.config import load_config
@@ -19,8 +20,6 @@ from utils.matching import MatchResult, Student
 from utils.networks import get_network
 from utils.synset import StartEpochSchedule
 from utils.trajectory import expert_dir, flatten_params, save_expert_file
-
-from conftest import make_color_image_folder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL, SIZE, CLASSES = "ConvNetW32", 16, 3
@@ -300,8 +299,8 @@ def test_entry_point_errors_exit_2(world, tmp_path, monkeypatch, capsys, extra, 
 
 # ---- configs -----------------------------------------------------------------------------------
 
-# ALGORITHMS 9: syn_steps, expert_epochs, lr_img, lr_lr, lr_y, batch_syn, min/cur/max start,
-# Sequential_Generation, threshold, depth_ratio, eval_it, skip_first_eva
+# docs/paper.md#per-setting-configs: syn_steps, expert_epochs, lr_img, lr_lr, lr_y, batch_syn,
+# min/cur/max start, Sequential_Generation, threshold, depth_ratio, eval_it, skip_first_eva
 PAPER = {
     "CIFAR-10/ConvIN/IPC1": (80, 2, 100, 1e-7, 5, 1000, 0, None, 4, False, 1.1, 0.0, 500, True),
     "CIFAR-10/ConvIN/IPC10": (80, 2, 100, 1e-5, 2, 500, 0, 10, 20, True, 1.0, 0.5, 500, True),
@@ -441,7 +440,7 @@ def test_paper_configs_match_the_table(setting):
 
 
 def test_paper_start_windows():
-    # REFERENCE_NOTES 8.3: CIFAR-10 IPC500 [40, 59] -> [40, 69] by iteration 2000
+    # docs/paper.md#per-setting-configs: CIFAR-10 IPC500 [40, 59] -> [40, 69] by iteration 2000
     cfg = load_config(str(ROOT / "configs" / "CIFAR-10/ConvIN/IPC500.yaml"))
     schedule = StartEpochSchedule.from_config(cfg)
     assert (schedule.upper(0), schedule.upper(1000), schedule.upper(2000)) == (60, 65, 70)

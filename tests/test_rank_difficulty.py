@@ -1,4 +1,5 @@
-"""buffer/rank_difficulty.py end to end on a tiny generated ImageFolder (ALGORITHMS 5)."""
+"""buffer/rank_difficulty.py end to end on a tiny generated ImageFolder
+(docs/algorithms.md#difficulty-scores-and-index-files)."""
 
 import importlib.util
 import subprocess

@@ -18,7 +18,7 @@ from utils.synset import (
 )
 from utils.trajectory import flatten_params, save_expert_file
 
-# ---- start epochs (ALGORITHMS 7.5 step 2) ------------------------------------------------------
+# ---- start epochs (docs/algorithms.md#one-iteration step 2) --------------------------------------
 
 
 def draws(schedule, it, n=400, seed=0):
@@ -105,7 +105,7 @@ def test_snapshot_index():
         snapshot_index(7, 7, "f")
 
 
-# ---- initial images (ALGORITHMS 7.2) -----------------------------------------------------------
+# ---- initial images (docs/algorithms.md#initial-images) ------------------------------------------
 
 
 def test_hard_labels_are_class_major():
@@ -147,7 +147,7 @@ def test_correctly_predicted_moves_to_the_next_expert_when_a_class_runs_out():
         correctly_predicted_indices(images, members, 4, predict, 1, generator, ["a", "b"], 4)
 
 
-# ---- soft labels (ALGORITHMS 7.3) --------------------------------------------------------------
+# ---- soft labels (docs/algorithms.md#soft-labels) ------------------------------------------------
 
 
 def test_average_over_the_correct_experts_only():

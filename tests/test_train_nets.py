@@ -1,4 +1,5 @@
-"""utils/train_nets.py: the schedule of ALGORITHMS 8, stacked SGD, batched == sequential, bf16."""
+"""utils/train_nets.py: the schedule of docs/algorithms.md#evaluation-protocol, stacked SGD, batched
+== sequential, bf16."""
 
 import copy
 
@@ -59,7 +60,8 @@ def test_stacked_sgd_matches_torch_sgd_including_reset():
 
 
 def reference_training(net, images, labels, lr, generator, epochs, batch):
-    """ALGORITHMS 8 written out with torch.optim.SGD, augmentation off (strategy none)."""
+    """docs/algorithms.md#evaluation-protocol written out with torch.optim.SGD, augmentation
+    off (strategy none)."""
     optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     for ep in range(epochs + 1):  # E + 1 passes
         for index in torch.randperm(len(images), generator=generator).split(batch):

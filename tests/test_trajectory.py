@@ -174,7 +174,8 @@ def tag(expert) -> int:
 
 
 def reference_file_mode(seed: int, sizes, max_experts=None, passes: int = 2) -> list[int]:
-    """Independent restatement of ALGORITHMS 7.1 with the same NumPy generator calls."""
+    """Independent restatement of docs/algorithms.md#expert-sampling with the same
+    NumPy generator calls."""
     rng = np.random.default_rng(seed)
     tags = []
     for _ in range(passes):

@@ -1,6 +1,6 @@
 """Image augmentation: DSA (differentiable Siamese augmentation) and the older DC augmentation.
 
-DSA (ALGORITHMS 4, REFERENCE_NOTES 3) is split into two steps so that a call can be replayed:
+DSA (docs/algorithms.md#dsa-augmentation) is split into two steps so that a call can be replayed:
 `sample_dsa_params` draws the random parameters of one call into a `DSAParams`, and `apply_dsa`
 applies them deterministically and differentiably (gradients reach the pixels through every op).
 The low-memory distillation keeps each inner step's `DSAParams` to rebuild that step exactly; the
@@ -32,7 +32,7 @@ DC_TOKENS = ("crop", "scale", "rotate", "noise")
 
 @dataclass(frozen=True)
 class ParamDiffAug:
-    """DSA hyper-parameters (REFERENCE_NOTES 3.1); no config changes them."""
+    """DSA hyper-parameters (docs/algorithms.md#dsa-parameters); no config changes them."""
 
     aug_mode: str = "S"  # 'S': one op of the strategy per call; 'M': all of them in order
     prob_flip: float = 0.5
@@ -88,7 +88,8 @@ def _strategy_tokens(strategy: str, valid: tuple[str, ...]) -> list[str]:
     return tokens
 
 
-# ---- DSA sampling (REFERENCE_NOTES 3.3): one function per token, draws in a fixed order ----
+# ---- DSA sampling (docs/algorithms.md#dsa-operations): one function per token,
+# draws in a fixed order
 
 
 def _sample_color(b: int, h: int, w: int, g: torch.Generator | None, p: ParamDiffAug) -> dict:
@@ -182,7 +183,8 @@ def _gather_pixels(x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
 
 
 def _affine(x: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor) -> Tensor:
-    """Resample x with the per-image matrices [[a, b, 0], [c, d, 0]] (REFERENCE_NOTES 3.3)."""
+    """Resample x with the per-image matrices [[a, b, 0], [c, d, 0]]
+    (docs/algorithms.md#dsa-operations)."""
     zero = torch.zeros_like(a)
     theta = torch.stack([torch.stack([a, b, zero], 1), torch.stack([c, d, zero], 1)], 1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=True)
@@ -191,8 +193,8 @@ def _affine(x: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor) -> Tensor:
 
 def _apply_color(x: Tensor, p: dict[str, Tensor]) -> Tensor:
     # brightness x + b, then saturation (x - m_pixel) * s + m_pixel, then contrast
-    # (x - m_image) * k + m_image (REFERENCE_NOTES 3.3), collapsed into one pass over x: the
-    # channel mean of x + b is m + b, and saturation leaves the image mean at mu + b, so
+    # (x - m_image) * k + m_image (docs/algorithms.md#dsa-operations), collapsed into one pass over
+    # x: the channel mean of x + b is m + b, and saturation leaves the image mean at mu + b, so
     # out = k*s*x + k*(1 - s)*m + (1 - k)*mu + b, with m the channel mean of x, mu its image mean.
     b, s, k = _per_image(p["brightness"]), _per_image(p["saturation"]), _per_image(p["contrast"])
     pixel_mean = x.mean(dim=1, keepdim=True)
@@ -259,7 +261,7 @@ def dsa(
     generator: torch.Generator | None = None,
     param: ParamDiffAug = DEFAULT_DSA_PARAM,
 ) -> Tensor:
-    """Sample and apply one DSA call (REFERENCE_NOTES 3.2 with seed = -1)."""
+    """Sample and apply one DSA call (docs/algorithms.md#dsa-call-semantics with seed = -1)."""
     return apply_dsa(
         x, sample_dsa_params(len(x), x.shape[-2:], strategy, generator=generator, param=param)
     )
@@ -360,7 +362,8 @@ def augment(
     strategy: str = DSA_STRATEGY,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """DSA with `strategy` when dsa is True, else the DC augmentation (ALGORITHMS 4)."""
+    """DSA with `strategy` when dsa is True, else the DC augmentation
+    (docs/algorithms.md#dsa-augmentation)."""
     if dsa:
         params = sample_dsa_params(len(x), x.shape[-2:], strategy, generator=generator)
         return apply_dsa(x, params)

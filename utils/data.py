@@ -1,4 +1,5 @@
-"""Data sets as in-memory tensors, normalised or ZCA-whitened (ALGORITHMS 2, REFERENCE_NOTES 2).
+"""Data sets as in-memory tensors, normalised or ZCA-whitened
+(docs/algorithms.md#data-and-zca-whitening).
 
 `get_dataset(name, data_path)` returns a `Data`: the whole train and test sets as float32
 [N, C, H, W] tensors, already preprocessed (ZCA-whitened with `zca=True`, else (x - mean) / std),
@@ -28,7 +29,8 @@ from utils.zca import ZCA, ZCA_EPS
 
 @dataclass
 class Data:
-    """One data set in memory; images are already preprocessed (ALGORITHMS 2)."""
+    """One data set in memory; images are already preprocessed
+    (docs/algorithms.md#data-and-zca-whitening)."""
 
     name: str
     channel: int
@@ -67,7 +69,8 @@ def get_dataset(
     cache_dir: str | None = None,
     download: bool = True,
 ) -> Data:
-    """Load `name` from `data_path` (ALGORITHMS 2); see the module docstring for caching."""
+    """Load `name` from `data_path` (docs/algorithms.md#data-and-zca-whitening); see the module
+    docstring for caching."""
     if name not in LOADERS:
         lowered = {known.lower(): known for known in DATASET_NAMES}
         close = difflib.get_close_matches(name.lower(), lowered, n=2, cutoff=0.6)
@@ -126,7 +129,8 @@ def _first_per_class(
 
 
 def _preprocess(pixels: Tensor, source: Source, whitening: ZCA | None) -> Tensor:
-    """ALGORITHMS 2: uint8 -> [0, 1] -> ZCA or (x - mean) / std, in place on one float copy."""
+    """docs/algorithms.md#normalisation-and-zca-whitening: uint8 -> [0, 1] -> ZCA or (x - mean) /
+    std, in place on one float copy."""
     images = pixels.float().div_(255)
     if whitening is not None:
         return whitening(images, out=images)
@@ -136,7 +140,8 @@ def _preprocess(pixels: Tensor, source: Source, whitening: ZCA | None) -> Tensor
 
 
 def _cached_zca(source: Source, cache: Path) -> ZCA:
-    """ZCA fitted on the full train set in [0, 1] (ALGORITHMS 2), cached like the images."""
+    """ZCA fitted on the full train set in [0, 1]
+    (docs/algorithms.md#normalisation-and-zca-whitening), cached like the images."""
 
     def fit() -> dict:
         return ZCA.fit(source.train.images.float().div_(255)).state_dict()

@@ -1,6 +1,7 @@
 """The data sets' sources: per data set name, a loader that finds its files and returns the raw
-uint8 pixels of both splits, the class names and the normalisation (ALGORITHMS 2,
-REFERENCE_NOTES 2). Decoded pixels are cached (utils/tensor_cache.py)."""
+uint8 pixels of both splits, the class names and the normalisation
+(docs/algorithms.md#data-and-zca-whitening, docs/algorithms.md#data-and-zca-whitening). Decoded
+pixels are cached (utils/tensor_cache.py)."""
 
 from __future__ import annotations
 
@@ -29,11 +30,12 @@ from utils.io import UserError
 from utils.tensor_cache import cached
 from utils.zca import CHUNK_ELEMENTS
 
-# ALGORITHMS 2: the CIFAR std values are the lineage's historical ones, kept for fidelity.
+# docs/algorithms.md#data-sets: the CIFAR std values are the lineage's historical
+# ones, kept for fidelity.
 CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
-# REFERENCE_NOTES 2.1: ImageNet class ids; the position in the list is the label.
+# docs/algorithms.md#data-sets: ImageNet class ids; the position in the list is the label.
 IMAGENET_SUBSETS = {
     "imagenette": [0, 217, 482, 491, 497, 566, 569, 571, 574, 701],
     "imagewoof": [193, 182, 258, 162, 155, 167, 159, 273, 207, 229],
@@ -314,7 +316,7 @@ def _load_imagenet(root: Path, subset: str, cache: Path, download: bool) -> Sour
 
 
 def _resize_crop(image: Tensor) -> Tensor:
-    """REFERENCE_NOTES 2.1: Resize(128) (shorter side) then CenterCrop(128), in RGB."""
+    """docs/algorithms.md#data-sets: Resize(128) (shorter side) then CenterCrop(128), in RGB."""
     image = image.expand(3, -1, -1) if image.shape[0] == 1 else image
     image = TF.resize(image, [IMAGENET_RES], antialias=True)
     return TF.center_crop(image, [IMAGENET_RES, IMAGENET_RES])
@@ -368,7 +370,8 @@ def _load_idx_dataset(name: str, root: Path, cache: Path, download: bool) -> Sou
 
     train = cached(cache, name, folder, "train", lambda: build("train"))
     test = cached(cache, name, folder, "test", lambda: build("test"))
-    mean, std = ([0.1307], [0.3081]) if name == "MNIST" else ([0.2861], [0.3530])  # ALGORITHMS 2
+    # docs/algorithms.md#data-sets
+    mean, std = ([0.1307], [0.3081]) if name == "MNIST" else ([0.2861], [0.3530])
     classes = MNIST_CLASSES if name == "MNIST" else FASHION_CLASSES
     return Source(
         _split_from_cache(train), _split_from_cache(test), classes, mean, std, name, folder

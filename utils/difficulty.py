@@ -1,4 +1,5 @@
-"""Difficulty scores, per-class easy-to-hard index files and the curriculum (ALGORITHMS 5 and 6).
+"""Difficulty scores, per-class easy-to-hard index files and the curriculum
+(docs/algorithms.md#difficulty-scores-and-index-files, docs/algorithms.md#the-curriculum).
 
 An index file is an int64 tensor [num_classes, n_per_class]: row c lists the train-set indices
 (positions in the loader's order) of the images of class c, easiest first. `rank_by_class` makes
@@ -31,7 +32,7 @@ METHODS = ("GraNd", "EL2N", "Uncertainty")
 
 
 # ---------------------------------------------------------------------------------------------
-# Curriculum (ALGORITHMS 6, REFERENCE_NOTES 4.3)
+# Curriculum (docs/algorithms.md#the-curriculum)
 
 
 def validate_curriculum(
@@ -78,7 +79,7 @@ def curriculum_fraction(
     rm_easy_ratio_second: float,
 ) -> tuple[float, float]:
     """(drop_easy, keep_upto): epoch `epoch` (0-based) trains on the fractions
-    [drop_easy, keep_upto) of every class's easy-to-hard row (ALGORITHMS 6)."""
+    [drop_easy, keep_upto) of every class's easy-to-hard row (docs/algorithms.md#the-curriculum)."""
     validate_curriculum(
         init_ratio=init_ratio,
         add_end_epoch=add_end_epoch,
@@ -134,7 +135,7 @@ def curriculum_indices(
 
 
 # ---------------------------------------------------------------------------------------------
-# Index files (ALGORITHMS 5)
+# Index files (docs/formats.md#index-files)
 
 
 def rank_by_class(scores: Tensor, labels: Tensor, num_classes: int | None = None) -> Tensor:
@@ -167,7 +168,8 @@ def load_index_file(
     subset: str | None = None,
 ) -> Tensor:
     """Read an index file (ours or the authors': a bare int64 tensor [C, n], or a dict holding
-    one under "indices") and check it against the train labels it will index (ALGORITHMS 5).
+    one under "indices") and check it against the train labels it will index
+    (docs/formats.md#index-files).
 
     Given `dataset` (and `subset` for ImageNet), the file's .json sidecar, when there is one,
     must name the same data set.
@@ -252,7 +254,7 @@ def _check_sidecar(path: Path, dataset: str, subset: str | None, make: str) -> N
 
 
 # ---------------------------------------------------------------------------------------------
-# Scores (ALGORITHMS 5, REFERENCE_NOTES 5.1)
+# Scores (docs/algorithms.md#grand-el2n-and-uncertainty)
 
 
 def grand_scores(model: nn.Module, images: Tensor, labels: Tensor, batch: int = 256) -> Tensor:

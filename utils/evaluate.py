@@ -1,8 +1,8 @@
 """Evaluation of a synthetic set: train fresh networks on it, test them on the real test set.
 
-`evaluate_synset` is ALGORITHMS 8 / REFERENCE_NOTES 7.1: `num_eval` fresh networks trained on the
-set by the schedule of `utils.train_nets.train_networks` (E = `epochs`, passes ep = 0..E, SGD with
-momentum 0.9 and weight decay 5e-4, the lr times 0.1 after the pass E // 2 + 1), then tested on
+`evaluate_synset` is docs/algorithms.md#evaluation-protocol: `num_eval` fresh networks trained on
+the set by the schedule of `utils.train_nets.train_networks` (E = `epochs`, passes ep = 0..E, SGD
+with momentum 0.9 and weight decay 5e-4, the lr times 0.1 after the pass E // 2 + 1), then tested on
 `data.images_test` (batches of 256, eval mode, no augmentation); accuracies are in percent, with
 the mean and population std over the `num_eval` networks. `evaluate_models` does this for every
 model of a pool (`eval_pool`), split across torchrun ranks.
@@ -39,7 +39,7 @@ from utils.runtime import AMP_MODES, derived_seeds, gather_objects, rank_and_wor
 from utils.train_nets import CPU, TrainConfig, networks_accuracy, train_networks
 
 # ---------------------------------------------------------------------------------------------
-# Evaluation pools (ALGORITHMS 3, REFERENCE_NOTES 7.3)
+# Evaluation pools (docs/algorithms.md#model-pools)
 
 EVAL_POOLS: dict[str, tuple[str, ...]] = {
     "M": ("ConvNet", "AlexNet", "VGG11", "ResNet18"),
@@ -49,7 +49,7 @@ EVAL_POOLS: dict[str, tuple[str, ...]] = {
     "P": ("ConvNetNP", "ConvNetMP", "ConvNetAP"),
     "N": ("ConvNetNN", "ConvNetBN", "ConvNetLN", "ConvNetIN", "ConvNetGN"),
     "BN": ("ConvNet", "ConvNetBN", "ResNet18", "ResNet18BN", "AlexNet", "VGG11", "ResNet18_AP"),
-    # ours (REFERENCE_NOTES A7): the paper's Table 2; the 64x64 version is X_TINY_POOL
+    # ours (docs/algorithms.md#model-pools): the paper's Table 2; the 64x64 version is X_TINY_POOL
     "X": ("ConvNet", "ConvNetBN", "ResNet18", "ResNet18BN", "VGG11", "AlexNet", "LeNet", "MLP"),
 }
 X_TINY_POOL = (
@@ -60,7 +60,7 @@ EVAL_MODES = ("S", "C", *EVAL_POOLS)
 
 
 def eval_pool(eval_mode: str, model: str, im_size: tuple[int, int] = (32, 32)) -> list[str]:
-    """The models an evaluation trains for `eval_mode` (REFERENCE_NOTES 7.3).
+    """The models an evaluation trains for `eval_mode` (docs/algorithms.md#model-pools).
 
     S: `model` with a trailing BN part dropped; C: `model` and ConvNet (once if they are equal);
     X: the paper's Table 2 models (their _Tiny versions for 64x64 data); the other letters are
@@ -215,7 +215,7 @@ class EvalResult:
     model: str
     accs: list[float]  # percent, one per network
     mean: float
-    std: float  # population std (ddof 0), REFERENCE_NOTES 7.2
+    std: float  # population std (ddof 0), docs/algorithms.md#statistics-and-seeds
     seconds: float
     mode: str  # "batched" | "sequential" ("batched+sequential": torchrun ranks differed)
     epochs: int
@@ -265,9 +265,9 @@ def evaluate_synset(
     model_name: str, images: Tensor, labels: Tensor, lr: float, data: Data, **options: Any
 ) -> EvalResult:
     """Train `num_eval` fresh `model_name` networks on (images, labels) with `lr` and test them
-    (ALGORITHMS 8). labels: float [N, C] logits (soft CE) or int [N] classes (CE). `options`: the
-    keywords of `evaluate_models`, with its defaults; this process trains every network, also
-    under torchrun."""
+    (docs/algorithms.md#evaluation-protocol). labels: float [N, C] logits (soft CE) or int [N]
+    classes (CE). `options`: the keywords of `evaluate_models`, with its defaults; this process
+    trains every network, also under torchrun."""
     return evaluate_models([model_name], images, labels, lr, data, ranks=(0, 1), **options)[0]
 
 

@@ -1,4 +1,4 @@
-"""GSAM, the sharpness-aware optimizer of PAD's experts (ALGORITHMS 6, REFERENCE_NOTES 4.5).
+"""GSAM, the sharpness-aware optimizer of PAD's experts (docs/algorithms.md#gsam).
 
 One `GSAM.step(compute_loss)` is: gradient g at w; ascend to w + e; gradient g' there; restore w
 exactly; step the base optimizer (SGD) along g' - alpha * (the part of g orthogonal to g').
@@ -81,7 +81,7 @@ class GSAM:
         with torch.no_grad():
             weights = flatten_params(params)  # a copy: restores w bit-exactly after the ascent
             grad = flatten_params([p.grad for p in params])
-            ascent = self._ascent(weights, grad)  # ALGORITHMS 6: e
+            ascent = self._ascent(weights, grad)  # docs/algorithms.md#gsam: e
             torch._foreach_add_(params, unflatten_params(ascent, shapes))
 
         self.zero_grad()

@@ -1,7 +1,7 @@
 """Trajectory matching: the student unroll, PAD's masked matching loss and its exact gradient.
 
-One distillation iteration (ALGORITHMS 7.5 steps 4-6) in two calls, after three made once per
-run (where the settings are checked):
+One distillation iteration (docs/algorithms.md#one-iteration steps 4-6) in two calls, after three
+made once per run (where the settings are checked):
 
     student = Student(get_network(model, channel, num_classes, im_size))
     inner_steps = InnerSteps(syn_steps, batch_syn, augment=True)
@@ -12,7 +12,8 @@ run (where the settings are checked):
                               mask=mask, threshold=1.0)
 
 `match_trajectory` accumulates dL/d(image_syn, label_syn, syn_lr) into their `.grad`, like
-`L.backward()`. It has two memory modes that give the same gradient (ALGORITHMS 7.7):
+`L.backward()`. It has two memory modes that give the same gradient
+(docs/algorithms.md#memory-modes-graph-and-recompute):
 
 - "graph" keeps every inner step's graph and back-propagates once, like the reference; memory
   grows linearly with syn_steps.
@@ -42,12 +43,14 @@ MEMORY_MODES = ("graph", "recompute")
 
 
 def soft_cross_entropy(logits: Tensor, target_logits: Tensor) -> Tensor:
-    """-(1/B) sum_b sum_c softmax(target_b)_c log_softmax(logits_b)_c (ALGORITHMS 7.3)."""
+    """-(1/B) sum_b sum_c softmax(target_b)_c log_softmax(logits_b)_c
+    (docs/algorithms.md#soft-cross-entropy)."""
     return -(F.softmax(target_logits, dim=1) * F.log_softmax(logits, dim=1)).sum(1).mean()
 
 
 class Student:
-    """A network evaluated on a flat parameter vector (REFERENCE_NOTES 1.2).
+    """A network evaluated on a flat parameter vector
+    (docs/algorithms.md#the-flattened-parameter-vector).
 
     The vector is split into the module's parameters in registration order (shallow to deep),
     each piece a view of the vector, so gradients reach it. Buffers (BatchNorm running statistics)
@@ -73,7 +76,7 @@ class Student:
         return functional_call(self.model, params, (x,))
 
 
-# ---- PAD's parameter masks (ALGORITHMS 7.5 step 5) ---------------------------------------------
+# ---- PAD's parameter masks (docs/algorithms.md#one-iteration step 5) -----------------------------
 # A mask maps the per-coordinate losses [P] of the flat parameter vector (the student's layout:
 # shallow to deep) and the number of coordinates to drop, 0 < dropped < P, to the kept ones K.
 
@@ -139,11 +142,12 @@ def matching_loss(w_end: Tensor, w_start: Tensor, target: Tensor, mask: Mask = N
     student_error = (w_end - target) ** 2
     expert_error = (w_start - target) ** 2
     kept = mask(student_error)
-    # The reference divides both sums by P; the factor cancels (REFERENCE_NOTES 6.10).
+    # The reference divides both sums by P; the factor cancels
+    # (docs/algorithms.md#matching-loss-and-pads-masks).
     return student_error[kept].sum() / expert_error[kept].sum()
 
 
-# ---- the unroll's batches and augmentations (ALGORITHMS 7.5 step 4) ----------------------------
+# ---- the unroll's batches and augmentations (docs/algorithms.md#one-iteration step 4) ------------
 
 
 @dataclass
@@ -256,14 +260,15 @@ def _step_loss(
 
 
 def _skip(loss: Tensor, threshold: float | None) -> bool:
-    # `not (L <= threshold)` is also true for NaN (REFERENCE_NOTES 6.11).
+    # `not (L <= threshold)` is also true for NaN (docs/algorithms.md#the-threshold-rule).
     return threshold is not None and not bool(loss <= threshold)
 
 
 def _match_graph(
     student, image_syn, label_syn, syn_lr, w_start, target, plan, mask, threshold
 ) -> MatchResult:
-    # ALGORITHMS 7.5 step 4: every step's graph is kept (create_graph) for one backward pass.
+    # docs/algorithms.md#one-iteration step 4: every step's graph is kept (create_graph)
+    # for one backward pass.
     w = w_start.clone().requires_grad_(True)
     for idx, aug in zip(plan.batches, plan.aug, strict=True):
         loss_i = _step_loss(student, w, image_syn[idx], label_syn[idx], aug)
@@ -281,7 +286,8 @@ def _match_graph(
 def _match_recompute(
     student, image_syn, label_syn, syn_lr, w_start, target, plan, mask, threshold
 ) -> MatchResult:
-    """ALGORITHMS 7.7: unroll without graphs, then back-propagate one rebuilt step at a time."""
+    """docs/algorithms.md#memory-modes-graph-and-recompute: unroll without graphs, then
+    back-propagate one rebuilt step at a time."""
     steps = len(plan.batches)
     images, labels, lr = image_syn.detach(), label_syn.detach(), syn_lr.detach()
     # w_0..w_{N-1} in one block; w_N is only needed for L and dL/dw_N.

@@ -1,17 +1,18 @@
-"""All network architectures and the name registry behind `get_network` (ALGORITHMS 3).
+"""All network architectures and the name registry behind `get_network`
+(docs/algorithms.md#networks-and-the-flattened-parameter-order).
 
 `get_network(name, channel, num_classes, im_size)` looks the name up in `_REGISTRY`, a plain dict
 from model name to a builder `(channel, num_classes, im_size) -> nn.Module`. Every model
 
 - registers its parameters shallow to deep with the final `nn.Linear` (named `classifier`) last,
   so `torch.cat([p.reshape(-1) for p in model.parameters()])` is the flat layout of the trajectory
-  files and the PAD depth mask (ALGORITHMS 3, REFERENCE_NOTES 1.2);
+  files and the PAD depth mask (docs/algorithms.md#the-flattened-parameter-vector);
 - uses PyTorch's default initialisation and never reseeds an RNG (the reference reseeds from the
   wall clock inside its factory; seeding is the calling script's job);
 - has no in-place operation on activations, so it works with `torch.func.functional_call`, `vmap`
   and double backward.
 
-Architectures follow REFERENCE_NOTES 1.1 (ConvNet family) and 1.3 (cross-architecture models).
+Architectures follow docs/algorithms.md#convnet and docs/algorithms.md#cross-architecture-models.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from torch import Tensor
 from utils.io import UserError
 
 # ---------------------------------------------------------------------------------------------
-# ConvNet family (REFERENCE_NOTES 1.1)
+# ConvNet family (docs/algorithms.md#convnet)
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,  # not in place (the reference's in-place ReLU breaks vmap)
@@ -74,7 +75,7 @@ class ConvNet(nn.Module):
 
     Modules are named features.conv{d} / norm{d} / act{d} / pool{d} and classifier, which gives
     the flat parameter order conv0.weight, conv0.bias, norm0.weight, norm0.bias, conv1..., ...,
-    classifier.weight, classifier.bias (REFERENCE_NOTES 1.2).
+    classifier.weight, classifier.bias (docs/algorithms.md#the-flattened-parameter-vector).
     """
 
     def __init__(
@@ -124,7 +125,8 @@ class ConvNet(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Cross-architecture models (REFERENCE_NOTES 1.3); `res` is 32, or 64 for the _Tiny variants
+# Cross-architecture models (docs/algorithms.md#cross-architecture-models); `res` is 32, or 64
+# for the _Tiny variants
 
 
 def _norm2d(norm: str, channels: int) -> nn.Module:
@@ -331,7 +333,7 @@ def _at(res: int, model_cls: Callable[..., nn.Module], **kwargs) -> Callable[...
 
 
 # ---------------------------------------------------------------------------------------------
-# The registry (REFERENCE_NOTES 1.4); every ConvNet variant adapts to im_size (a fix)
+# The registry (docs/algorithms.md#model-names); every ConvNet variant adapts to im_size (a fix)
 
 _Builder = Callable[[int, int, tuple[int, int]], nn.Module]
 

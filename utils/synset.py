@@ -1,12 +1,13 @@
 """The synthetic set apart from matching: start epochs, initial images, soft labels, checks.
 
-- `StartEpochSchedule`: the start-epoch window of ALGORITHMS 7.5 step 2 (DATM's sequential
-  generation), sampled from a caller-owned generator so a resumed run draws the same epochs.
-- Initial images (ALGORITHMS 7.2): `real_image_indices`, `noise_images` and
+- `StartEpochSchedule`: the start-epoch window of docs/algorithms.md#one-iteration step 2 (DATM's
+  sequential generation), sampled from a caller-owned generator so a resumed run
+  draws the same epochs.
+- Initial images (docs/algorithms.md#initial-images): `real_image_indices`, `noise_images` and
   `correctly_predicted_indices` (`pix_init: samples_predicted_correctly`).
-- Soft labels (ALGORITHMS 7.3): `label_snapshots` reads one snapshot of every expert,
-  `expert_logits` evaluates a snapshot, `average_correct_logits` averages over the experts that
-  are right on each image.
+- Soft labels (docs/algorithms.md#soft-labels): `label_snapshots` reads one snapshot of every
+  expert, `expert_logits` evaluates a snapshot, `average_correct_logits` averages over the experts
+  that are right on each image.
 - One-line `UserError` checks of the settings the loop cannot run with.
 
 The synthetic set is class-major: class 0's `ipc` images, then class 1's, ... (`hard_labels`).
@@ -32,7 +33,7 @@ LOGIT_CHUNK = 256  # images per forward pass when scoring real or synthetic imag
 
 
 # ---------------------------------------------------------------------------------------------
-# Start epochs (ALGORITHMS 7.5 step 2, REFERENCE_NOTES 6.8)
+# Start epochs (docs/algorithms.md#one-iteration step 2, docs/algorithms.md#start-epoch-schedule)
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ def snapshot_index(timestamp: int, num_snapshots: int, path: str | Path) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Initial images (ALGORITHMS 7.2, REFERENCE_NOTES 6.4)
+# Initial images (docs/algorithms.md#initial-images)
 
 
 def hard_labels(num_classes: int, ipc: int) -> Tensor:
@@ -211,14 +212,15 @@ def correctly_predicted_indices(
 
 
 # ---------------------------------------------------------------------------------------------
-# Soft labels (ALGORITHMS 7.3, REFERENCE_NOTES 6.5)
+# Soft labels (docs/algorithms.md#soft-labels)
 
 
 def label_snapshots(files: Sequence[Path], timestamp: int, model: nn.Module) -> list[Tensor]:
     """The flat snapshot `timestamp` of every expert of every file, in file and expert order.
 
     Files are memory-mapped and only the wanted snapshot is copied out, so a 1 GB file never
-    sits in memory whole (REFERENCE_NOTES 9.2 #27). Shapes are checked against `model`.
+    sits in memory whole (docs/differences.md#lazy-expert-loading). Shapes are
+    checked against `model`.
     """
     snapshots = []
     for path in files:
@@ -251,7 +253,8 @@ def expert_logits(
 def average_correct_logits(
     logits_per_expert: Iterable[Tensor], labels: Tensor
 ) -> tuple[Tensor, int]:
-    """Mean logits over the experts whose argmax equals `labels`, per image (ALGORITHMS 7.3).
+    """Mean logits over the experts whose argmax equals `labels`, per image
+    (docs/algorithms.md#soft-labels).
 
     An image no expert classifies correctly gets the mean over all experts (the reference divides
     by zero); returns (soft labels [N, classes], number of such images).

@@ -1,6 +1,6 @@
 """Training fresh networks by the evaluation schedule, and testing them: two engines.
 
-`train_networks` runs the schedule of ALGORITHMS 8 / REFERENCE_NOTES 7.1 on M networks of one
+`train_networks` runs the schedule of docs/algorithms.md#evaluation-protocol on M networks of one
 architecture: E + 1 passes ep = 0..E, SGD(lr, momentum 0.9, weight decay 5e-4) on shuffled batches
 of `batch_train` (last partial batch kept), every batch augmented (DSA, or DC when dsa=False), soft
 cross-entropy for float [N, C] logit labels and cross-entropy for int [N] labels; after the pass
@@ -46,7 +46,7 @@ from tqdm import tqdm
 from utils.augment import DSA_STRATEGY, augment
 from utils.matching import soft_cross_entropy
 
-MOMENTUM = 0.9  # ALGORITHMS 8
+MOMENTUM = 0.9  # docs/algorithms.md#evaluation-protocol
 WEIGHT_DECAY = 5e-4
 LR_DECAY = 0.1
 TEST_BATCH = 256
@@ -188,8 +188,9 @@ def train_networks(
     batched: bool = True,
     desc: str = "eval",
 ) -> TrainHistory:
-    """Train `nets` in place on (images, labels) by the schedule of ALGORITHMS 8, network k
-    drawing its batches and augmentations from generators[k]; `nets` end up on `device`."""
+    """Train `nets` in place on (images, labels) by the schedule of
+    docs/algorithms.md#evaluation-protocol, network k drawing its batches and augmentations from
+    generators[k]; `nets` end up on `device`."""
     for net in nets:
         net.to(device).train()
     images, labels = images.detach().to(device, torch.float32), labels.detach().to(device)
@@ -230,7 +231,8 @@ def _train_batched(nets, images, labels, lr, generators, config, device, desc) -
             batch_losses.append(losses.detach())
         epoch_losses.append(torch.stack(batch_losses).mean(0))
         history.lr.append(optimizer.lr)
-        if ep == config.epochs // 2 + 1:  # ALGORITHMS 8: decay, optimizer re-created
+        # docs/algorithms.md#evaluation-protocol: decay, optimizer re-created
+        if ep == config.epochs // 2 + 1:
             optimizer = _StackedSGD(params, optimizer.lr * LR_DECAY)
     ensemble.write_back(nets)
     history.loss = torch.stack(epoch_losses).cpu()
@@ -258,7 +260,8 @@ def _train_sequential(nets, images, labels, lr, generators, config, device, desc
             losses[ep, k] = torch.stack(batch_losses).mean().cpu()
             if k == 0:
                 history.lr.append(net_lr)
-            if ep == config.epochs // 2 + 1:  # ALGORITHMS 8: decay, optimizer re-created
+            # docs/algorithms.md#evaluation-protocol: decay, optimizer re-created
+            if ep == config.epochs // 2 + 1:
                 net_lr *= LR_DECAY
                 optimizer = _sgd(net, net_lr)
             progress.update()

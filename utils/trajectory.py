@@ -1,4 +1,5 @@
-"""Expert trajectory files: where they live; writing, reading, sampling them (ALGORITHMS 6, 7.1).
+"""Expert trajectory files: where they live; writing, reading, sampling them
+(docs/formats.md#expert-files, docs/algorithms.md#expert-sampling).
 
 A file `replay_buffer_<n>.pt` holds exactly the reference format, so files move between this code
 and the authors' in both directions:
@@ -8,8 +9,8 @@ and the authors' in both directions:
 
 Anything else about a file (settings, seeds, shapes) goes to the sidecar `replay_buffer_<n>.json`.
 Readers take files 0, 1, 2, ... up to the first missing number. `ExpertSampler` hands out one
-trajectory per distillation iteration (ALGORITHMS 7.1) and can be checkpointed and resumed.
-`plan_files` and `finish_expert` keep the files of a run that trains experts resumable.
+trajectory per distillation iteration (docs/algorithms.md#expert-sampling) and can be checkpointed
+and resumed. `plan_files` and `finish_expert` keep the files of a run that trains experts resumable.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def expert_dir(
     subset: str = "imagenette",
     res: int = 32,
 ) -> Path:
-    """The reference's expert folder (ALGORITHMS 6): `<buffer_path>/<dataset>[_NO_ZCA]/<model>`.
+    """The reference's expert folder (docs/formats.md#expert-folder):
+    `<buffer_path>/<dataset>[_NO_ZCA]/<model>`.
 
     `_NO_ZCA` only for CIFAR10/CIFAR100 without ZCA; ImageNet subsets use
     `<buffer_path>/ImageNet/<subset>/<res>/<model>`. Other data sets do not encode ZCA in the path
@@ -74,7 +76,8 @@ def list_expert_files(folder: str | os.PathLike) -> list[Path]:
 
 def snapshot_params(model: nn.Module) -> Snapshot:
     """A CPU float32 copy of every parameter. On CPU `.detach().cpu()` would return the live
-    tensor itself, and every snapshot would alias the final weights (ALGORITHMS 11)."""
+    tensor itself, and every snapshot would alias the final weights
+    (docs/differences.md#expert-snapshots-are-copies)."""
     return [p.detach().to("cpu", torch.float32, copy=True) for p in model.parameters()]
 
 
@@ -146,7 +149,8 @@ def load_sidecar(path: str | os.PathLike) -> dict | None:
 
 
 def flatten_params(tensors: Sequence[Tensor]) -> Tensor:
-    """Concatenate tensors reshaped to 1-D, in list order (REFERENCE_NOTES 1.2) -> [P]."""
+    """Concatenate tensors reshaped to 1-D, in list order
+    (docs/algorithms.md#the-flattened-parameter-vector) -> [P]."""
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
@@ -178,7 +182,7 @@ def check_expert_shapes(expert: Expert, model: nn.Module, path: str | os.PathLik
 
 
 class ExpertSampler:
-    """One expert trajectory per call (ALGORITHMS 7.1, REFERENCE_NOTES 6.3), resumable.
+    """One expert trajectory per call (docs/algorithms.md#expert-sampling), resumable.
 
     load_all: every expert of every file in memory, each call picks one uniformly at random.
     Otherwise: files in a shuffled order, one in memory at a time (its first max_experts), its

@@ -1,4 +1,5 @@
-"""ZCA whitening of images (ALGORITHMS 2): fitted by kornia, applied a chunk of rows at a time."""
+"""ZCA whitening of images (docs/algorithms.md#normalisation-and-zca-whitening): fitted by kornia,
+applied a chunk of rows at a time."""
 
 from __future__ import annotations
 
@@ -6,16 +7,17 @@ import kornia
 import torch
 from torch import Tensor
 
-ZCA_EPS = 0.1  # ALGORITHMS 2: kornia ZCAWhitening(eps=0.1, compute_inv=True)
+# docs/algorithms.md#normalisation-and-zca-whitening: kornia ZCAWhitening(eps=0.1, compute_inv=True)
+ZCA_EPS = 0.1
 CHUNK_ELEMENTS = 1 << 23  # bounds the temporary float memory of chunked transforms (32 MB)
 
 
 class ZCA:
     """A fitted ZCA whitening: z = (flat(x) - mean) @ transform, x = flat(z) @ transform_inv + mean.
 
-    The matrices come from kornia's `ZCAWhitening` (REFERENCE_NOTES 2.2); applying them is a
-    plain matmul a chunk of rows at a time, so temporary memory stays at one chunk; `out=x`
-    whitens in place.
+    The matrices come from kornia's `ZCAWhitening`
+    (docs/algorithms.md#normalisation-and-zca-whitening); applying them is a plain matmul a chunk of
+    rows at a time, so temporary memory stays at one chunk; `out=x` whitens in place.
     """
 
     def __init__(self, mean: Tensor, transform: Tensor, transform_inv: Tensor) -> None:

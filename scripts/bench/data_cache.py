@@ -32,11 +32,16 @@ README_MEAN = (0.489, 0.482, 0.447)  # ../shared/datasets/README.md, measured on
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data_path", default="~/.cache/pad-data/cifar10",
-                        help="folder the JPEG copy is unpacked into (train/, test/)")
-    parser.add_argument("--archive",
-                        default=str(repo_root().parent / "shared/datasets/cifar10-jpeg.tar.gz"),
-                        help="the CIFAR-10 JPEG tarball")
+    parser.add_argument(
+        "--data_path",
+        default="~/.cache/pad-data/cifar10",
+        help="folder the JPEG copy is unpacked into (train/, test/)",
+    )
+    parser.add_argument(
+        "--archive",
+        default=str(repo_root().parent / "shared/datasets/cifar10-jpeg.tar.gz"),
+        help="the CIFAR-10 JPEG tarball",
+    )
     parser.add_argument("--zca", type=str2bool, default=True, help="also time the ZCA fit")
     return parser.parse_args(argv)  # fmt: skip
 

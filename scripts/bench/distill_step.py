@@ -1,4 +1,5 @@
-"""Seconds and peak memory of one distillation iteration, `graph` vs `recompute` (ALGORITHMS 7.7).
+"""Seconds and peak memory of one distillation iteration, `graph` vs `recompute`
+(docs/algorithms.md#memory-modes-graph-and-recompute).
 
 For each model, IPC and syn_steps, one iteration is the unroll and the matching-loss gradient of
 `utils.matching.match_trajectory` on CIFAR-shaped random data (10 classes, 3x32x32, batch_syn =

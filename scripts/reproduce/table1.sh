@@ -5,10 +5,10 @@
 # Steps: GraNd scores -> 100 curriculum experts (README flags) -> PAD distillation with the
 # setting's config -> evaluation of the best set with 5 ConvNets. Every step resumes.
 #
-# Targets are the paper's numbers (ALGORITHMS 10), not ours: we have not run these settings.
-# Cost (estimates, not measurements; one modern GPU): scores ~1-2 GPU-hours per data set; experts
-# ~5-15 GPU-hours per data set (shared by all its IPCs); distillation 10,000 iterations ~3-30
-# GPU-hours depending on IPC and syn_steps; evaluation minutes (IPC 1) to an hour (IPC 1000).
+# Targets are the paper's numbers (docs/paper.md#the-papers-numbers), not ours: we have not run
+# these settings. Cost (estimates, not measurements; one modern GPU): scores ~1-2 GPU-hours per data
+# set; experts ~5-15 GPU-hours per data set (shared by all its IPCs); distillation 10,000 iterations
+# ~3-30 GPU-hours depending on IPC and syn_steps; evaluation minutes (IPC 1) to an hour (IPC 1000).
 #
 #   setting          paper PAD        setting          paper PAD
 #   CIFAR10 1        47.2 +- 0.6      CIFAR100 1       28.4 +- 0.5
