@@ -51,12 +51,13 @@ from utils.data import Data, get_dataset  # noqa: E402
 from utils.evaluate import eval_pool, evaluate_synset  # noqa: E402
 from utils.io import UserError, atomic_write, load_pt, run_main, save_pt  # noqa: E402
 from utils.matching import (  # noqa: E402
-    MEMORY_MODES,
     InnerSteps,
     Mask,
     MatchResult,
+    StepOptions,
     Student,
     make_mask,
+    make_step_options,
     match_trajectory,
 )
 from utils.networks import get_network  # noqa: E402
@@ -84,6 +85,7 @@ from utils.trajectory import (  # noqa: E402
     list_expert_files,
     load_expert_file,
 )
+from utils.unroll_memory import MemoryChoice, check_memory_settings, choose_memory  # noqa: E402
 
 RATIO_KEYS = {"depth": "depth_ratio", "loss": "loss_ratio"}
 # Settings a checkpoint cannot be continued under (they change what the tensors mean).
@@ -114,13 +116,21 @@ def main(mask_name: str, argv: list[str] | None = None) -> dict:
     if not files:
         raise UserError(no_experts_message(cfg, folder))
     device = resolve_device(cfg.device)
+    step_options = make_step_options(cfg.amp, cfg.channels_last, cfg.compile, device)
 
     # ---- set-up ------------------------------------------------------------------------------
     seed_everything(cfg.seed)
     generators = purpose_generators(cfg.seed)
     data, indices_class = load_data(cfg)
     student, sampler = open_experts(cfg, files, data, device)
-    matcher = Matcher(student, sampler, schedule, inner_steps, mask, generators)
+    memory = choose_memory(
+        cfg.memory, cfg.memory_budget_gb, student, inner_steps, cfg.ipc * data.num_classes,
+        data.num_classes, (data.channel, *data.im_size), device, step_options,
+        cfg.hybrid_kept_steps,
+    )  # fmt: skip
+    print(memory.describe(cfg.memory, cfg.syn_steps))
+    matcher = Matcher(student, sampler, schedule, inner_steps, mask, generators, memory,
+                      step_options)  # fmt: skip
     eval_its = evaluation_iterations(cfg)
     print(
         f"PAD ({mask.name} mask, {ratio_key} {mask.ratio}): {cfg.dataset} IPC {cfg.ipc}, "
@@ -238,6 +248,8 @@ class Matcher:
     inner_steps: InnerSteps
     mask: Mask
     generators: dict[str, torch.Generator]
+    memory: MemoryChoice  # memory auto resolved once per run
+    step_options: StepOptions
 
 
 # ---- arguments ---------------------------------------------------------------------------------
@@ -247,7 +259,7 @@ def check_settings(cfg: SimpleNamespace) -> None:
     """One-line UserErrors for settings the loop cannot run with
     (docs/hyperparameters.md#distillation-config-keys); the mask ratio, syn_steps and batch_syn are
     checked by make_mask and InnerSteps."""
-    check_choice("memory", cfg.memory, MEMORY_MODES)
+    check_memory_settings(cfg.memory, cfg.memory_budget_gb, cfg.hybrid_kept_steps)
     check_choice("pix_init", cfg.pix_init, PIX_INITS)
     minimums = {
         "expert_epochs": 1,
@@ -470,7 +482,8 @@ def distill_step(
     # steps 4-6: unroll, masked matching loss, gradients into the three tensors
     result = match_trajectory(
         matcher.student, syn.image_syn, syn.label_syn, syn.syn_lr, w_start, target, plan,
-        mask=matcher.mask, memory=cfg.memory, threshold=cfg.threshold,
+        mask=matcher.mask, memory=matcher.memory.mode, kept_steps=matcher.memory.kept_steps,
+        threshold=cfg.threshold, options=matcher.step_options,
     )  # fmt: skip
     if not math.isfinite(result.loss):
         raise diverged(run, it, f"the matching loss is {result.loss}")

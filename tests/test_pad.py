@@ -242,7 +242,9 @@ def test_bad_settings_found_in_process(world, tmp_path):
     cases = [
         ({"ipc": 9}, r"ipc=9 but class 0 \(class0\) has only 8"),
         ({"max_start_epoch": 3}, r"max_start_epoch=3 \+ expert_epochs=2.*trained for 3 epochs"),
-        ({"memory": "cheap"}, r"memory='cheap' is not one of graph, recompute"),
+        ({"memory": "cheap"}, r"memory='cheap' is not one of auto, graph, recompute, hybrid"),
+        ({"memory_budget_gb": 0}, r"memory_budget_gb=0.0: expected a positive number of GB"),
+        ({"amp": "fp16"}, r"amp='fp16' is unknown: use one of off, bf16"),
         ({"buffer_path": tmp_path / "other"}, "another model or data set"),
     ]
     other = get_network(MODEL, 3, CLASSES + 1, (SIZE, SIZE))  # experts of a 4-class data set
@@ -275,6 +277,25 @@ def test_script_from_the_root_reports_bad_input_with_exit_2(world, tmp_path, mon
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.match(r"error: loss_ratio=1.0 is outside \[0, 1\)", err[0])
+
+
+def test_compile_without_a_compiler_is_one_line_and_exit_2(world, tmp_path, monkeypatch, capsys):
+    write_experts(tmp_path / "buffer", random_walk_experts())
+    monkeypatch.setattr("shutil.which", lambda name: None)  # no g++ on PATH
+    monkeypatch.setattr(sys, "argv", ["distill/PAD_depth.py", *argv(world, tmp_path),
+                                      "--compile", "true"])  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(ROOT / "distill/PAD_depth.py"), run_name="__main__")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "compile=true on CPU needs a C++ compiler" in err[0], err
+
+
+def test_auto_prints_its_choice_once(world, tmp_path, capsys):
+    write_experts(tmp_path / "buffer", random_walk_experts())
+    pad.main("depth", argv(world, tmp_path, Iteration=1, eval_it=5, memory_budget_gb=1e-9))
+    out = capsys.readouterr().out
+    assert out.count("memory auto: recompute, estimated") == 1
 
 
 @pytest.mark.parametrize(

@@ -57,6 +57,7 @@ KINDS = {
     "float": ("float", "FLOAT", "float"),
     "str": ("str", "TEXT", "str"),
     "int?": ("int or null", "INT|null", "an integer or null"),
+    "float?": ("float or null", "FLOAT|null", "a number or null"),
     "device": ("GPU id list or device name", "DEVICE", "a GPU id list or a device name"),
 }
 
@@ -160,9 +161,16 @@ KEYS: dict[str, Key] = {
         Key("seed", 42, "int",
             "seed of the initial set, the start epochs, the inner batches and the expert order",
             OURS),
-        Key("memory", "recompute", "str",
-            "inner-loop memory: recompute (one step's graph at a time) or graph (all steps, as "
-            "the authors); same gradient", OURS),
+        Key("memory", "auto", "str",
+            "inner-loop memory: auto (graph if it fits memory_budget_gb, else hybrid, else "
+            "recompute), graph (all steps' graphs, as the authors), recompute (one step's graph "
+            "at a time) or hybrid; same gradient", OURS),
+        Key("memory_budget_gb", None, "float?",
+            "memory auto's budget in GB for the unroll (null: half the free device memory, or "
+            "of MemAvailable on CPU)", OURS),
+        Key("hybrid_kept_steps", None, "int?",
+            "memory hybrid: final inner steps whose graphs are kept (null: half of syn_steps)",
+            OURS),
         Key("checkpoint_it", 100, "int",
             "write checkpoint.pt every checkpoint_it iterations and at the end", OURS),
         Key("resume", False, "bool", "continue the run of the same folder from its checkpoint.pt",
@@ -170,7 +178,13 @@ KEYS: dict[str, Key] = {
         Key("wandb", "off", "str",
             "wandb logging: off, offline or online (metrics.jsonl is always written)", OURS),
         Key("amp", "off", "str",
-            "evaluation precision: off (float32, the paper's) or bf16 autocast", OURS),
+            "precision of the inner steps and the evaluation: off (float32, the paper's) or bf16 "
+            "autocast (parameters, adjoints and the matching loss stay float32)", OURS),
+        Key("channels_last", False, "bool",
+            "the inner steps' batches in channels-last memory format", OURS),
+        Key("compile", False, "bool",
+            "torch.compile the graph-free inner steps of recompute and hybrid (needs a C++ "
+            "compiler on CPU; compiles for minutes first)", OURS),
         Key("max_per_class", None, "int?",
             "use only the first max_per_class train images of each class (null: all)", OURS),
         Key("eval_seed", 0, "int",
@@ -232,10 +246,10 @@ _INVALID = object()
 def _convert(kind: str, value: Any) -> Any:
     """`value` as `kind`, or _INVALID (ints become floats; YAML 1.1's `1e-5` string a float)."""
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind == "int?":
+    if kind in ("int?", "float?"):
         if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
             return None
-        kind = "int"
+        kind = kind[:-1]
     if kind == "device" and isinstance(value, (list, str, int)) and not isinstance(value, bool):
         return value
     if kind == "bool":

@@ -12,14 +12,18 @@ made once per run (where the settings are checked):
                               mask=mask, threshold=1.0)
 
 `match_trajectory` accumulates dL/d(image_syn, label_syn, syn_lr) into their `.grad`, like
-`L.backward()`. It has two memory modes that give the same gradient
-(docs/algorithms.md#memory-modes-graph-and-recompute):
+`L.backward()`. Its memory modes all give the same gradient
+(docs/algorithms.md#memory-modes-graph-recompute-hybrid-and-auto):
 
 - "graph" keeps every inner step's graph and back-propagates once, like the reference; memory
   grows linearly with syn_steps.
 - "recompute" runs the unroll without graphs, storing only w_0..w_{N-1}, then walks back from
   step N-1 to 0, rebuilding one step's graph at a time and pushing the adjoint a_i = dL/dw_i
   through it. Memory is one step's graph plus N flat parameter vectors.
+- "hybrid" with `kept_steps` K (0..N): the first N - K steps run without graphs (stored as
+  flat vectors), the last K keep their graphs; one backward through those K gives the adjoint
+  a_{N-K}, and the walk back of "recompute" does the rest. K = N is graph mode, K = 1 recompute's
+  arithmetic. "auto" is resolved once per run into one of these (utils/unroll_memory.py).
 
 The plan (batch indices and DSA parameters of every step) is drawn before the unroll, so both
 modes, and both passes of "recompute", see the same batches and augmentations.
@@ -27,6 +31,8 @@ modes, and both passes of "recompute", see the same batches and augmentations.
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,8 +44,10 @@ from torch.func import functional_call
 
 from utils.augment import DSA_STRATEGY, DSAParams, apply_dsa, sample_dsa_params
 from utils.io import UserError
+from utils.runtime import AMP_MODES
 
-MEMORY_MODES = ("graph", "recompute")
+MEMORY_MODES = ("graph", "recompute", "hybrid")  # what match_trajectory runs
+MEMORY_KEYS = ("auto", *MEMORY_MODES)  # the `memory` config key: auto picks one per run
 
 
 def soft_cross_entropy(logits: Tensor, target_logits: Tensor) -> Tensor:
@@ -64,6 +72,7 @@ class Student:
         self.shapes: list[torch.Size] = [p.shape for _, p in named]
         self.numels = [p.numel() for _, p in named]
         self.num_params: int = sum(self.numels)
+        self.compiled: dict[StepOptions, _CompiledSteps] = {}  # one compilation per process
 
     def __call__(self, x: Tensor, flat_params: Tensor) -> Tensor:
         if flat_params.shape != (self.num_params,):
@@ -222,6 +231,67 @@ class MatchResult:
     skipped: bool
 
 
+@dataclass(frozen=True)
+class StepOptions:
+    """How every inner step's forward and backward run (docs/algorithms.md#the-unrolls-fast-path).
+
+    amp "bf16": the network's forward and its backward (and the rebuilt steps' double backward)
+    under bfloat16 autocast; the parameter vectors, the adjoints, syn_lr's update and the matching
+    loss stay float32. channels_last: the batch in channels-last memory format. compile: the
+    graph-free steps of recompute and hybrid (the unroll pass and the rebuilt steps) as
+    torch.compile'd torch.func functions; graph mode's kept graphs stay eager (torch.compile's
+    graphs cannot be differentiated twice).
+    """
+
+    amp: str = "off"
+    channels_last: bool = False
+    compile: bool = False
+
+
+FP32_EAGER = StepOptions()
+
+
+def make_step_options(
+    amp: str, channels_last: bool, compile: bool, device: torch.device
+) -> StepOptions:
+    """StepOptions checked once, where the config enters: an unknown amp mode, bf16 where the
+    device has no bfloat16 kernels, compile where torch cannot build its CPU kernels."""
+    if amp not in AMP_MODES:
+        raise UserError(f"amp={amp!r} is unknown: use one of {', '.join(AMP_MODES)}")
+    if amp == "bf16" and not bf16_supported(device):
+        raise UserError(
+            f"amp=bf16 but {device} has no bfloat16 support (torch reports none): use amp off or "
+            "a device with bfloat16 (CUDA compute capability 8.0+, or a CPU with AVX512-BF16/AMX)"
+        )
+    if compile:
+        check_compiler(device)
+    return StepOptions(amp, channels_last, compile)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return True  # other devices: let torch.autocast decide
+
+
+def check_compiler(device: torch.device) -> None:
+    """torch.compile on CPU builds C++ kernels with the compiler inductor searches for
+    (torch._inductor.config.cpp.cxx: $CXX, else g++): say so at start, not in the first step."""
+    if device.type != "cpu":
+        return
+    from torch._inductor import config as inductor_config  # imported only when compiling
+
+    cxx = inductor_config.cpp.cxx
+    candidates = [c for c in (cxx if isinstance(cxx, (list, tuple)) else (cxx,)) if c]
+    if not any(shutil.which(c) for c in candidates):
+        raise UserError(
+            f"compile=true on CPU needs a C++ compiler ({' or '.join(candidates)} not found on "
+            "PATH): install one (e.g. apt-get install g++), set CXX, or use --compile false"
+        )
+
+
 def match_trajectory(
     student: Student,
     image_syn: Tensor,
@@ -233,30 +303,55 @@ def match_trajectory(
     *,
     mask: Mask = NO_MASK,
     memory: str = "recompute",
+    kept_steps: int = 0,
     threshold: float | None = None,
+    options: StepOptions = FP32_EAGER,
 ) -> MatchResult:
     """Unroll the student from w_start along `plan`, match `target`, accumulate gradients.
 
     dL/d(image_syn, label_syn, syn_lr) are added to the `.grad` of those that require grad. When
     `threshold` is given and L > threshold or L is not finite, no gradient is computed and the
     result says skipped (the reference back-propagates but does not step: same outcome).
+    `kept_steps` is the number of final steps whose graphs "hybrid" keeps (clipped to syn_steps).
     """
     if memory not in MEMORY_MODES:
         raise UserError(f"memory mode {memory!r} is unknown; use one of {list(MEMORY_MODES)}")
     if not plan.batches:
         raise ValueError("the plan has no inner steps")
     w_start, target = w_start.detach(), target.detach()
-    unroll = _match_graph if memory == "graph" else _match_recompute
+    args = (student, image_syn, label_syn, syn_lr, w_start, target, plan, mask, threshold)
     with torch.enable_grad():  # also correct when called under torch.no_grad()
-        return unroll(student, image_syn, label_syn, syn_lr, w_start, target, plan, mask, threshold)
+        if memory == "graph":
+            return _match_graph(*args, options)
+        if memory == "recompute" and options.compile:  # the compiled path is hybrid's code
+            memory, kept_steps = "hybrid", 1
+        if memory == "recompute":
+            return _match_recompute(*args, options)
+        kept = min(max(kept_steps, 0), len(plan.batches))
+        return _match_hybrid(*args, options, kept)
 
 
-def _step_loss(
-    student: Student, w: Tensor, images: Tensor, labels: Tensor, aug: DSAParams | None
+def _autocast(device: torch.device, options: StepOptions):
+    if options.amp == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def step_loss(
+    student: Student,
+    w: Tensor,
+    images: Tensor,
+    labels: Tensor,
+    aug: DSAParams | None,
+    options: StepOptions = FP32_EAGER,
 ) -> Tensor:
     """Soft cross-entropy of one inner step on its (augmented) batch."""
     x = images if aug is None else apply_dsa(images, aug)
-    return soft_cross_entropy(student(x, w), labels)
+    if options.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with _autocast(x.device, options):
+        logits = student(x, w)
+    return soft_cross_entropy(logits.to(w.dtype), labels)  # the loss in the vector's dtype
 
 
 def _skip(loss: Tensor, threshold: float | None) -> bool:
@@ -265,13 +360,13 @@ def _skip(loss: Tensor, threshold: float | None) -> bool:
 
 
 def _match_graph(
-    student, image_syn, label_syn, syn_lr, w_start, target, plan, mask, threshold
+    student, image_syn, label_syn, syn_lr, w_start, target, plan, mask, threshold, options
 ) -> MatchResult:
     # docs/algorithms.md#one-iteration step 4: every step's graph is kept (create_graph)
     # for one backward pass.
     w = w_start.clone().requires_grad_(True)
     for idx, aug in zip(plan.batches, plan.aug, strict=True):
-        loss_i = _step_loss(student, w, image_syn[idx], label_syn[idx], aug)
+        loss_i = step_loss(student, w, image_syn[idx], label_syn[idx], aug, options)
         (g,) = torch.autograd.grad(loss_i, w, create_graph=True)
         w = w - syn_lr * g
     loss = matching_loss(w, w_start, target, mask)
@@ -284,25 +379,23 @@ def _match_graph(
 
 
 def _match_recompute(
-    student, image_syn, label_syn, syn_lr, w_start, target, plan, mask, threshold
+    student, image_syn, label_syn, syn_lr, w_start, target, plan, mask, threshold, options
 ) -> MatchResult:
-    """docs/algorithms.md#memory-modes-graph-and-recompute: unroll without graphs, then
-    back-propagate one rebuilt step at a time."""
+    """docs/algorithms.md#memory-modes-graph-recompute-hybrid-and-auto: unroll without graphs,
+    then back-propagate one rebuilt step at a time."""
     steps = len(plan.batches)
     images, labels, lr = image_syn.detach(), label_syn.detach(), syn_lr.detach()
     # w_0..w_{N-1} in one block; w_N is only needed for L and dL/dw_N.
     ws = torch.empty((steps, w_start.numel()), dtype=w_start.dtype, device=w_start.device)
     ws[0] = w_start
-    grad_image = torch.zeros_like(images) if image_syn.requires_grad else None
-    grad_label = torch.zeros_like(labels) if label_syn.requires_grad else None
-    grad_lr = torch.zeros_like(lr) if syn_lr.requires_grad else None
+    grads = _Grads(image_syn, label_syn, syn_lr)
 
     def step_graph(i: int, create_graph: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         idx, aug = plan.batches[i], plan.aug[i]
         w = ws[i].detach().requires_grad_(True)
-        x = images[idx].requires_grad_(create_graph and grad_image is not None)
-        y = labels[idx].requires_grad_(create_graph and grad_label is not None)
-        loss_i = _step_loss(student, w, x, y, aug)
+        x = images[idx].requires_grad_(create_graph and grads.image is not None)
+        y = labels[idx].requires_grad_(create_graph and grads.label is not None)
+        loss_i = step_loss(student, w, x, y, aug, options)
         (g,) = torch.autograd.grad(loss_i, w, create_graph=create_graph)
         return g, w, x, y
 
@@ -324,23 +417,147 @@ def _match_recompute(
     for i in reversed(range(steps)):
         if i < steps - 1:
             g, w, x, y = step_graph(i, create_graph=True)
-        idx = plan.batches[i]
-        # w_{i+1} = w_i - lr * g(w_i, x, y): the vector-Jacobian product with a_{i+1} gives
-        # d/dlr = -g.a and d/d(w_i, x, y) = (a_{i+1}, 0, 0) + d(g . (-lr a_{i+1}))/d(w_i, x, y).
-        if grad_lr is not None:
-            grad_lr -= (g.detach() * adjoint).sum()
-        wrt = [t for t in (w, x, y) if t.requires_grad]
+        adjoint = grads.step_back(plan.batches[i], g, (w, x, y), adjoint, lr)
+    grads.accumulate()
+    return MatchResult(loss.item(), skipped=False)
+
+
+class _Grads:
+    """The gradients the walk back sums for image_syn, label_syn and syn_lr (None: not needed)."""
+
+    def __init__(self, image_syn: Tensor, label_syn: Tensor, syn_lr: Tensor) -> None:
+        self.tensors = (image_syn, label_syn, syn_lr)
+        self.image, self.label, self.lr = (
+            torch.zeros_like(t.detach()) if t.requires_grad else None for t in self.tensors
+        )
+
+    def step_back(
+        self, idx: Tensor, g: Tensor, leaves: tuple[Tensor, Tensor, Tensor], adjoint: Tensor, lr
+    ) -> Tensor:
+        """Push a_{i+1} back through w_{i+1} = w_i - lr * g(w_i, x, y); returns a_i.
+
+        The vector-Jacobian product with a_{i+1} gives d/dlr = -g.a and
+        d/d(w_i, x, y) = (a_{i+1}, 0, 0) + d(g . (-lr a_{i+1}))/d(w_i, x, y).
+        """
+        if self.lr is not None:
+            self.lr -= (g.detach() * adjoint).sum()
+        wrt = [t for t in leaves if t.requires_grad]
         vjp = iter(torch.autograd.grad(g, wrt, grad_outputs=-lr * adjoint, materialize_grads=True))
         adjoint = adjoint + next(vjp)
-        device_idx = idx.to(images.device)
-        if grad_image is not None:
-            grad_image.index_add_(0, device_idx, next(vjp))
-        if grad_label is not None:
-            grad_label.index_add_(0, device_idx, next(vjp))
-    for tensor, grad in ((image_syn, grad_image), (label_syn, grad_label), (syn_lr, grad_lr)):
-        if grad is not None:
-            _accumulate(tensor, grad)
+        self.add_batch(idx, next(vjp) if self.image is not None else None,
+                       next(vjp) if self.label is not None else None)  # fmt: skip
+        return adjoint
+
+    def add_batch(self, idx: Tensor, grad_x: Tensor | None, grad_y: Tensor | None) -> None:
+        device_idx = idx.to((self.image if self.image is not None else self.tensors[0]).device)
+        if grad_x is not None and self.image is not None:
+            self.image.index_add_(0, device_idx, grad_x)
+        if grad_y is not None and self.label is not None:
+            self.label.index_add_(0, device_idx, grad_y)
+
+    def accumulate(self, kept: tuple[Tensor | None, ...] = (None, None, None)) -> None:
+        """Add the sums (plus the kept graphs' gradients `kept`) to the tensors' .grad."""
+        sums = (self.image, self.label, self.lr)
+        for tensor, grad, extra in zip(self.tensors, sums, kept, strict=True):
+            if grad is not None:
+                _accumulate(tensor, grad if extra is None else grad + extra)
+
+
+def _match_hybrid(
+    student, image_syn, label_syn, syn_lr, w_start, target, plan, mask, threshold, options, kept
+) -> MatchResult:
+    """docs/algorithms.md#memory-modes-graph-recompute-hybrid-and-auto: steps 0..N-K-1 without
+    graphs (w_i stored), steps N-K..N-1 with their graphs kept, one backward through those to
+    a_{N-K}, then recompute's walk back over the first N - K steps."""
+    steps = len(plan.batches)
+    recomputed = steps - kept
+    images, labels, lr = image_syn.detach(), label_syn.detach(), syn_lr.detach()
+    ws = torch.empty((recomputed, w_start.numel()), dtype=w_start.dtype, device=w_start.device)
+    grads = _Grads(image_syn, label_syn, syn_lr)
+    compiled = _compiled_steps(student, options) if options.compile else None
+    w = w_start
+    for i in range(recomputed):
+        ws[i] = w
+        idx, aug = plan.batches[i], plan.aug[i]
+        if compiled is not None:
+            g = compiled.grad(ws[i], images[idx], labels[idx], aug)
+        else:
+            g, *_ = _step_grad(student, ws[i], images[idx], labels[idx], aug, options, False)
+        with torch.no_grad():
+            w = ws[i] - lr * g
+    w_kept = w.detach().clone().requires_grad_(True)  # w_{N-K}: where the kept graphs start
+    w = w_kept
+    for idx, aug in zip(plan.batches[recomputed:], plan.aug[recomputed:], strict=True):
+        loss_i = step_loss(student, w, image_syn[idx], label_syn[idx], aug, options)
+        (g,) = torch.autograd.grad(loss_i, w, create_graph=True)
+        w = w - syn_lr * g
+    loss = matching_loss(w, w_start, target, mask)
+    if _skip(loss, threshold):
+        return MatchResult(loss.item(), skipped=True)
+    inputs = [w_kept] + [t for t in grads.tensors if t.requires_grad]
+    adjoint, *kept_grads = torch.autograd.grad(loss, inputs, materialize_grads=True)
+    kept_grads = iter(kept_grads)
+    from_kept = tuple(next(kept_grads) if t.requires_grad else None for t in grads.tensors)
+    del w, w_kept  # free the kept graphs before the walk back
+
+    for i in reversed(range(recomputed)):
+        idx, aug = plan.batches[i], plan.aug[i]
+        if compiled is not None:
+            adjoint = _compiled_step_back(compiled, grads, ws[i], images, labels, idx, aug,
+                                          adjoint, lr)  # fmt: skip
+            continue
+        g, w, x, y = _step_grad(student, ws[i], images[idx], labels[idx], aug, options, True,
+                                grads)  # fmt: skip
+        adjoint = grads.step_back(idx, g, (w, x, y), adjoint, lr)
+    grads.accumulate(from_kept)
     return MatchResult(loss.item(), skipped=False)
+
+
+def _step_grad(student, w_i, x, y, aug, options, create_graph, grads=None):
+    """g_i = dloss_i/dw_i at the stored w_i, with its graph when create_graph (leaves returned)."""
+    w = w_i.detach().requires_grad_(True)
+    x = x.requires_grad_(create_graph and grads is not None and grads.image is not None)
+    y = y.requires_grad_(create_graph and grads is not None and grads.label is not None)
+    loss_i = step_loss(student, w, x, y, aug, options)
+    (g,) = torch.autograd.grad(loss_i, w, create_graph=create_graph)
+    return g, w, x, y
+
+
+@dataclass
+class _CompiledSteps:
+    """The graph-free inner steps as torch.compile'd torch.func functions."""
+
+    grad: Callable  # (w_i, x, y, aug) -> g_i
+    grad_and_vjp: Callable  # (w_i, x, y, aug, v) -> (g_i, d<g_i, v>/dw_i, .../dx, .../dy)
+
+
+def _compiled_steps(student: Student, options: StepOptions) -> _CompiledSteps:
+    if options not in student.compiled:
+
+        def loss_fn(w: Tensor, x: Tensor, y: Tensor, aug: DSAParams | None) -> Tensor:
+            return step_loss(student, w, x, y, aug, options)
+
+        grad_fn = torch.func.grad(loss_fn)
+
+        def grad_and_vjp(w, x, y, aug, cotangent):
+            g, vjp_fn = torch.func.vjp(lambda w_, x_, y_: grad_fn(w_, x_, y_, aug), w, x, y)
+            return (g, *vjp_fn(cotangent))
+
+        student.compiled[options] = _CompiledSteps(
+            torch.compile(grad_fn, dynamic=False), torch.compile(grad_and_vjp, dynamic=False)
+        )
+    return student.compiled[options]
+
+
+def _compiled_step_back(compiled, grads, w_i, images, labels, idx, aug, adjoint, lr) -> Tensor:
+    """grads.step_back's arithmetic on a rebuilt step computed by the compiled vjp."""
+    g, grad_w, grad_x, grad_y = compiled.grad_and_vjp(
+        w_i, images[idx], labels[idx], aug, -lr * adjoint
+    )
+    if grads.lr is not None:
+        grads.lr -= (g * adjoint).sum()
+    grads.add_batch(idx, grad_x, grad_y)
+    return adjoint + grad_w
 
 
 def _accumulate(tensor: Tensor, grad: Tensor) -> None:
