@@ -1,5 +1,5 @@
 """Seconds and peak memory of one distillation iteration, `graph` vs `recompute`
-(docs/algorithms.md#memory-modes-graph-and-recompute).
+(docs/algorithms.md#memory-modes-graph-recompute-hybrid-and-auto).
 
 For each model, IPC and syn_steps, one iteration is the unroll and the matching-loss gradient of
 `utils.matching.match_trajectory` on CIFAR-shaped random data (10 classes, 3x32x32, batch_syn =
@@ -34,27 +34,42 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 
 from utils.io import UserError, run_main, save_json  # noqa: E402
-from utils.matching import MEMORY_MODES, Student, match_trajectory, plan_inner_steps  # noqa: E402
+from utils.matching import (  # noqa: E402
+    InnerSteps,
+    Student,
+    make_step_options,
+    match_trajectory,
+    plan_inner_steps,
+)
 from utils.networks import get_network  # noqa: E402
 from utils.runtime import resolve_device, seed_everything  # noqa: E402
+from utils.unroll_memory import MEMORY_KEYS, choose_memory  # noqa: E402
 
 NUM_CLASSES, CHANNELS, IM_SIZE = 10, 3, (32, 32)
 # Graph-mode memory grows with steps x images x width: ~32 KB per (step, image, channel of the
 # width), fitted to the issue's yardsticks (ConvNetW32 / IPC 10 / 80 steps 8.2 GB; ConvNet / IPC 1
 # / 80 steps 3.4 GB, both whole-process RSS).
 GRAPH_BYTES_PER_STEP_IMAGE_CHANNEL = 32e3
-TARGET_PEAK_80_VS_20 = 1.2  # recompute's peak at 80 steps / at 20 steps
-TARGET_PEAK_VS_GRAPH = 0.25  # recompute's peak / graph's, 80 steps
-TARGET_TIME_VS_GRAPH = 1.4  # recompute's seconds / graph's
+TARGET_AUTO_TIME = 1.05  # auto's seconds / graph's, where auto chose graph
+TARGET_AUTO_MEMORY = 1.2  # auto's peak / recompute's, where graph does not fit the budget
+TARGET_FASTEST_TIME = 0.5  # the fastest mode's seconds / graph's
+MODES = ["graph", "recompute", "auto", "auto+budget0.3", "graph+bf16", "recompute+bf16+compile"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["ConvNetW32", "ConvNet"])
-    parser.add_argument("--ipcs", nargs="+", type=int, default=[1, 10])
-    parser.add_argument("--steps", nargs="+", type=int, default=[20, 40, 80])
-    parser.add_argument("--modes", nargs="+", default=list(MEMORY_MODES), choices=MEMORY_MODES)
-    parser.add_argument("--repeats", type=int, default=3, help="timed iterations (median)")
+    parser.add_argument("--settings", nargs="+", default=["ConvNetW32:10", "ConvNet:1"],
+                        help="model:ipc pairs")  # fmt: skip
+    parser.add_argument("--steps", nargs="+", type=int, default=[20, 80])
+    parser.add_argument(
+        "--modes", nargs="+", default=MODES,
+        help="memory mode (graph, recompute, hybrid, auto) plus +bf16 (amp), +cl (channels "
+        "last), +compile, +budget<GB> (memory_budget_gb); graph is the yardstick",
+    )  # fmt: skip
+    parser.add_argument("--repeats", type=int, default=1, help="timed iterations per round")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="fresh processes per mode, interleaved (median)"
+    )
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
     parser.add_argument(
         "--max-graph-gb",
@@ -83,12 +98,35 @@ def _rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KB on Linux
 
 
+def parse_mode(text: str) -> dict:
+    """`memory[+bf16][+cl][+compile][+budget<GB>]`, e.g. auto+budget0.5, recompute+bf16+compile."""
+    memory, *extras = text.split("+")
+    spec = {"memory": memory, "amp": "off", "channels_last": False, "compile": False,
+            "budget_gb": None}  # fmt: skip
+    for extra in extras:
+        if extra == "bf16":
+            spec["amp"] = "bf16"
+        elif extra == "cl":
+            spec["channels_last"] = True
+        elif extra == "compile":
+            spec["compile"] = True
+        elif extra.startswith("budget"):
+            spec["budget_gb"] = float(extra[len("budget") :])
+        else:
+            raise UserError(f"mode {text!r}: unknown {extra!r} (bf16, cl, compile, budget<GB>)")
+    if memory not in MEMORY_KEYS:
+        raise UserError(f"mode {text!r}: {memory!r} is not one of {', '.join(MEMORY_KEYS)}")
+    return spec
+
+
 def measure(run: dict) -> dict:
     """Child process: time `repeats` iterations of one configuration and report peak memory."""
     if run["threads"] > 0:
         torch.set_num_threads(run["threads"])
     device = resolve_device(run["device"])
     seed_everything(0)
+    spec = parse_mode(run["mode"])
+    options = make_step_options(spec["amp"], spec["channels_last"], spec["compile"], device)
     student = Student(get_network(run["model"], CHANNELS, NUM_CLASSES, IM_SIZE).to(device))
     w_start = torch.cat([p.detach().reshape(-1) for p in student.model.parameters()])
     target = w_start + 0.01 * torch.randn_like(w_start)
@@ -100,13 +138,15 @@ def measure(run: dict) -> dict:
     # The first double backward imports sympy (~80 MB): do it on one image before the baseline.
     plan = plan_inner_steps(1, 1, None, IM_SIZE, augment=True, generator=generator)
     one_image, one_label = (t[:1].detach().requires_grad_(True) for t in (image_syn, label_syn))
-    match_trajectory(
-        student, one_image, one_label, syn_lr, w_start, target, plan, memory=run["mode"]
-    )
+    match_trajectory(student, one_image, one_label, syn_lr, w_start, target, plan, memory="graph")
+    choice = choose_memory(
+        spec["memory"], spec["budget_gb"], student, InnerSteps(run["steps"]), num_syn,
+        NUM_CLASSES, (CHANNELS, *IM_SIZE), device, options,
+    )  # fmt: skip
     baseline_gb = _rss_gb()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    seconds, cpu_seconds = [], []
+    seconds, cpu_seconds, first_seconds = [], [], None
     for it in range(run["warmup"] + run["repeats"]):
         plan = plan_inner_steps(
             num_syn, run["steps"], None, IM_SIZE, augment=True, generator=generator
@@ -117,10 +157,13 @@ def measure(run: dict) -> dict:
             torch.cuda.synchronize(device)
         start, cpu_start = time.perf_counter(), time.process_time()
         match_trajectory(
-            student, image_syn, label_syn, syn_lr, w_start, target, plan, memory=run["mode"]
-        )
+            student, image_syn, label_syn, syn_lr, w_start, target, plan,
+            memory=choice.mode, kept_steps=choice.kept_steps, options=options,
+        )  # fmt: skip
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        if it == 0:
+            first_seconds = time.perf_counter() - start  # with compile: includes compiling
         if it >= run["warmup"]:
             seconds.append(time.perf_counter() - start)
             cpu_seconds.append(time.process_time() - cpu_start)
@@ -128,6 +171,11 @@ def measure(run: dict) -> dict:
         "seconds": statistics.median(seconds),
         "cpu_seconds": statistics.median(cpu_seconds),
         "seconds_all": seconds,
+        "cpu_seconds_all": cpu_seconds,
+        "first_seconds": first_seconds,
+        "chose": choice.mode + (f" K={choice.kept_steps}" if choice.mode == "hybrid" else ""),
+        "estimate_gb": choice.estimate_gb,
+        "budget_gb": choice.budget_gb,
     }
     if device.type == "cuda":
         result.update(peak_gb=torch.cuda.max_memory_allocated(device) / 1e9, extra_gb=None)
@@ -155,43 +203,49 @@ def _cell(value: float | None, fmt: str) -> str:
 
 def print_table(rows: list[dict]) -> None:
     print(
-        f"{'model':<11} {'ipc':>4} {'steps':>5} {'mode':<9} {'s/it':>8} {'cpu s/it':>8} "
-        f"{'cpu ms/step':>11} {'peak GB':>8} {'extra GB':>8}  note"
+        f"{'model':<11} {'ipc':>4} {'steps':>5} {'mode':<24} {'chose':<13} {'s/it':>7} "
+        f"{'cpu s/it':>8} {'1st s':>6} {'est GB':>6} {'peak GB':>7} {'extra GB':>8}  note"
     )
     for r in rows:
-        cpu = r.get("cpu_seconds")
         print(
-            f"{r['model']:<11} {r['ipc']:>4} {r['steps']:>5} {r['mode']:<9} "
-            f"{_cell(r.get('seconds'), '.2f'):>8} {_cell(cpu, '.2f'):>8} "
-            f"{_cell(cpu and 1000 * cpu / r['steps'], '.0f'):>11} "
-            f"{_cell(r.get('peak_gb'), '.3f'):>8} {_cell(r.get('extra_gb'), '.3f'):>8}  "
-            f"{'' if r['status'] == 'ok' else r['status']}"
+            f"{r['model']:<11} {r['ipc']:>4} {r['steps']:>5} {r['mode']:<24} "
+            f"{r.get('chose', '-'):<13} {_cell(r.get('seconds'), '.2f'):>7} "
+            f"{_cell(r.get('cpu_seconds'), '.2f'):>8} {_cell(r.get('first_seconds'), '.1f'):>6} "
+            f"{_cell(r.get('estimate_gb'), '.2f'):>6} {_cell(r.get('peak_gb'), '.3f'):>7} "
+            f"{_cell(r.get('extra_gb'), '.3f'):>8}  {'' if r['status'] == 'ok' else r['status']}"
         )
 
 
 def print_ratios(rows: list[dict]) -> None:
-    """Recompute vs its own 20-step peak and vs graph mode, against the issue's targets."""
-    found = {(r["model"], r["ipc"], r["steps"], r["mode"]): r for r in rows if r["status"] == "ok"}
+    """Every mode against the yardstick (graph, float32, eager), and the issue's targets."""
     print(
-        f"\nratios (targets: recompute peak 80/20 <= {TARGET_PEAK_80_VS_20}, "
-        f"recompute/graph peak at 80 <= {TARGET_PEAK_VS_GRAPH}, "
-        f"recompute/graph time <= {TARGET_TIME_VS_GRAPH}); peaks: whole RSS [extra over "
-        "baseline]"
+        f"\nratios to the yardstick `graph` (float32 eager), CPU seconds; targets: auto <= "
+        f"{TARGET_AUTO_TIME}x where it chose graph, a small-budget auto <= {TARGET_AUTO_MEMORY}x "
+        f"recompute's peak memory, the fastest mode <= {TARGET_FASTEST_TIME}x"
     )
-    for model, ipc in dict.fromkeys((r["model"], r["ipc"]) for r in rows):
-        for steps in sorted({r["steps"] for r in rows}):
-            rec = found.get((model, ipc, steps, "recompute"))
-            graph = found.get((model, ipc, steps, "graph"))
-            if rec and graph:
-                print(
-                    f"{model} ipc {ipc} steps {steps}: time recompute/graph "
-                    f"{rec['seconds'] / graph['seconds']:.2f} wall, "
-                    f"{rec['cpu_seconds'] / graph['cpu_seconds']:.2f} cpu; "
-                    f"peak recompute/graph {_ratio(rec, graph)}"
-                )
-        rec80, rec20 = (found.get((model, ipc, s, "recompute")) for s in (80, 20))
-        if rec80 and rec20:
-            print(f"{model} ipc {ipc}: recompute peak 80 vs 20 steps {_ratio(rec80, rec20)}")
+    found = {(r["model"], r["ipc"], r["steps"], r["mode"]): r for r in rows if r["status"] == "ok"}
+    settings = dict.fromkeys((r["model"], r["ipc"], r["steps"]) for r in rows)
+    for model, ipc, steps in settings:
+        here = {mode: r for (m, i, s, mode), r in found.items() if (m, i, s) == (model, ipc, steps)}
+        yard, rec = here.get("graph"), here.get("recompute")
+        if yard is None:
+            print(f"{model} ipc {ipc} steps {steps}: no yardstick (graph) run")
+            continue
+        parts = []
+        for mode, r in here.items():
+            if mode == "graph":
+                continue
+            text = f"{mode} {r['cpu_seconds'] / yard['cpu_seconds']:.2f}x"
+            if rec is not None and mode.startswith("auto") and r["chose"] != "graph":
+                text += f" (peak {_ratio(r, rec)}x recompute's)"
+            parts.append(text)
+        fastest = min(here.values(), key=lambda r: r["cpu_seconds"])
+        print(f"{model} ipc {ipc} steps {steps}: " + "; ".join(parts))
+        print(
+            f"    fastest: {fastest['mode']} {fastest['cpu_seconds'] / yard['cpu_seconds']:.2f}x "
+            f"({fastest['cpu_seconds']:.2f} vs {yard['cpu_seconds']:.2f} cpu s/it; wall "
+            f"{fastest['seconds'] / yard['seconds']:.2f}x)"
+        )
 
 
 def _ratio(a: dict, b: dict) -> str:
@@ -201,50 +255,80 @@ def _ratio(a: dict, b: dict) -> str:
     return text
 
 
+def combine(results: list[dict]) -> dict:
+    """One row from the rounds of a mode: median times over all timed iterations, the largest
+    peak, the first round's first iteration."""
+    done = [r for r in results if r["status"] == "ok"]
+    if len(done) < len(results):
+        return next(r for r in results if r["status"] != "ok")
+    seconds = [s for r in done for s in r["seconds_all"]]
+    cpu = [s for r in done for s in r["cpu_seconds_all"]]
+    combined = {**done[0], "seconds": statistics.median(seconds), "seconds_all": seconds,
+                "cpu_seconds": statistics.median(cpu), "cpu_seconds_all": cpu,
+                "peak_gb": max(r["peak_gb"] for r in done)}  # fmt: skip
+    if done[0]["extra_gb"] is not None:
+        combined["extra_gb"] = max(r["extra_gb"] for r in done)
+    return combined
+
+
+def parse_settings(texts: list[str]) -> list[tuple[str, int]]:
+    settings = []
+    for text in texts:
+        model, _, ipc = text.partition(":")
+        if not ipc.isdigit():
+            raise UserError(f"--settings {text!r}: expected model:ipc, e.g. ConvNetW32:10")
+        get_network(model, CHANNELS, NUM_CLASSES, IM_SIZE)  # an unknown name fails here, early
+        settings.append((model, int(ipc)))
+    return settings
+
+
 def main(args: argparse.Namespace) -> None:
     if args.child is not None:
         print(json.dumps(measure(json.loads(args.child))))
         return
-    if args.repeats < 1 or args.warmup < 0:
-        raise UserError(f"--repeats {args.repeats} / --warmup {args.warmup}: need >= 1 and >= 0")
-    for model in args.models:
-        get_network(model, CHANNELS, NUM_CLASSES, IM_SIZE)  # an unknown name fails here, early
+    if args.repeats < 1 or args.rounds < 1 or args.warmup < 0:
+        raise UserError(
+            f"--repeats {args.repeats} / --rounds {args.rounds} / --warmup {args.warmup}: "
+            "need >= 1, >= 1 and >= 0"
+        )
+    settings = parse_settings(args.settings)
+    for mode in args.modes:
+        parse_mode(mode)
     print(
-        f"device {args.device}, torch threads {args.threads or torch.get_num_threads()}, "
-        f"load average {os.getloadavg()[0]:.1f}",
+        f"torch {torch.__version__}, device {args.device}, torch threads "
+        f"{args.threads or torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}",
         flush=True,
     )
+    # Rounds interleave the modes (round 1: every mode once, round 2: ...), so a change of the
+    # machine's load during the run hits every mode alike; each round is a fresh process.
     rows = []
-    for model in args.models:
-        for ipc in args.ipcs:
-            for steps in args.steps:
-                for mode in args.modes:
-                    run = {
-                        "model": model,
-                        "ipc": ipc,
-                        "steps": steps,
-                        "mode": mode,
-                        "repeats": args.repeats,
-                        "warmup": args.warmup,
-                        "threads": args.threads,
-                        "device": args.device,
-                    }
+    for model, ipc in settings:
+        for steps in args.steps:
+            runs = {}
+            for mode in args.modes:
+                runs[mode] = {"model": model, "ipc": ipc, "steps": steps, "mode": mode,
+                              "repeats": args.repeats, "warmup": args.warmup,
+                              "threads": args.threads, "device": args.device}  # fmt: skip
+            results: dict[str, list[dict]] = {mode: [] for mode in args.modes}
+            for _ in range(args.rounds):
+                for mode, run in runs.items():
                     estimate = estimated_graph_gb(model, ipc, steps)
-                    if mode == "graph" and estimate > args.max_graph_gb:
+                    if mode.startswith("graph") and estimate > args.max_graph_gb:
                         result = {
                             "status": f"skipped: graph mode needs ~{estimate:.0f} GB "
                             f"(> --max-graph-gb {args.max_graph_gb:g})"
                         }
                     else:
                         result = run_child(run)
-                    rows.append({**run, **result})
+                    results[mode].append(result)
                     print(
-                        f"  {model} ipc {ipc} steps {steps} {mode}: "
-                        f"{result['status']} {result.get('seconds', 0):.2f} s "
+                        f"  {model} ipc {ipc} steps {steps} {mode}: {result['status']} "
+                        f"{result.get('cpu_seconds', 0):.2f} cpu s "
                         f"{result.get('peak_gb', 0):.3f} GB",
                         file=sys.stderr,
                         flush=True,
                     )
+            rows += [{**runs[mode], **combine(results[mode])} for mode in args.modes]
     print_table(rows)
     print_ratios(rows)
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
