@@ -383,3 +383,18 @@ def test_bad_step_options_are_user_errors(monkeypatch):
         make_step_options("bf16", False, False, torch.device("cuda"))
     monkeypatch.setattr(matching, "bf16_supported", lambda device: True)
     assert make_step_options("bf16", True, False, cpu) == StepOptions("bf16", True, False)
+
+
+def test_compiled_steps_give_the_graph_gradient():
+    # torch.compile of the graph-free steps (torch.func grad and vjp); no DSA and two steps
+    # keep the compilation short. recompute under compile runs as hybrid with one kept step.
+    problem = tiny_problem()
+    plan = make_plan(2, None, augment=False)
+    graph = run("graph", problem, plan, mask="depth", ratio=0.5)
+    options = StepOptions(compile=True)
+    for memory, kept in (("recompute", 0), ("hybrid", 0)):
+        compiled = run_with(problem, plan, memory=memory, kept_steps=kept, options=options)
+        assert compiled[0].loss == pytest.approx(graph[0].loss, rel=1e-5)
+        for g, c in zip(graph[1:], compiled[1:], strict=True):
+            assert rel_err(c, g) < 1e-4
+    assert options in problem[0].compiled  # compiled once, kept on the student
