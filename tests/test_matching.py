@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -385,6 +387,10 @@ def test_bad_step_options_are_user_errors(monkeypatch):
     assert make_step_options("bf16", True, False, cpu) == StepOptions("bf16", True, False)
 
 
+@pytest.mark.skipif(
+    os.environ.get("PAD_TEST_COMPILE") != "1",
+    reason="compiling the double backward takes 1-10 minutes here; PAD_TEST_COMPILE=1 runs it",
+)
 def test_compiled_steps_give_the_graph_gradient():
     # torch.compile of the graph-free steps (torch.func grad and vjp); no DSA and two steps
     # keep the compilation short. recompute under compile runs as hybrid with one kept step.

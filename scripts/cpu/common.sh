@@ -7,6 +7,8 @@ cd "$REPO"
 source scripts/env.sh
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # see scripts/quickstart.sh
 SEEDS=${SEEDS:-"0 1 2"}
+# Extra distillation flags for every run, e.g. DISTILL_FLAGS="--amp bf16" (word-split).
+DISTILL_FLAGS=${DISTILL_FLAGS:-}
 
 # experts NAME DATASET MODEL MAX_PER_CLASS ZCA_FLAG [buffer_CL flags...]: 4 experts of 6 epochs.
 experts() {
@@ -25,7 +27,8 @@ distill() {
   local resume=false
   find "$run" -path "*/$name/checkpoint.pt" 2>/dev/null | grep -q . && resume=true
   "$PYTHON" "distill/$entry" --cfg "$config" --data_path "$DATA" --buffer_path "$OUT/$buffer" \
-    --out_dir "$run" --name "$name" --seed "$seed" --resume "$resume" --device cpu "$@"
+    --out_dir "$run" --name "$name" --seed "$seed" --resume "$resume" --device cpu "$@" \
+    $DISTILL_FLAGS
   touch "$OUT/.done_$name"
 }
 
