@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr_net", type=float, help="learning rate instead of --lr_dir")
     p.add_argument("--random_ipc", type=int, help="evaluate K random real images per class")
     p.add_argument("--max_per_class", type=int, help="use the first N train images of each class")
+    p.add_argument("--val_per_class", type=int, default=0,
+                   help="hold out the last N train images per class and report their accuracy "
+                   "too (docs/evaluation.md#validation-split)")  # fmt: skip
     p.add_argument("--amp", default="off", choices=AMP_MODES, help="bf16: bfloat16 autocast")
     p.add_argument("--batched", type=lambda v: None if v == "auto" else str2bool(v), nargs="?",
                    const=True, default="auto", metavar="BOOL|auto",
@@ -158,7 +161,8 @@ def main(args: argparse.Namespace) -> dict:
         labels = load_tensor(args.label_dir, "labels file (--label_dir)")
     lr = load_lr(args)
     data = get_dataset(args.dataset, args.data_path, subset=args.subset, zca=args.zca,
-                       max_per_class=args.max_per_class)  # fmt: skip
+                       max_per_class=args.max_per_class,
+                       val_per_class=args.val_per_class)  # fmt: skip
     if args.random_ipc is not None:
         images, labels = random_real_set(data, args.random_ipc, args.seed)
     names = model_names(args, data.im_size)
@@ -179,6 +183,7 @@ def main(args: argparse.Namespace) -> dict:
         "label_type": "soft" if labels.is_floating_point() else "hard",
         "eval_mode": None if args.models else args.eval_mode,
         "num_eval": args.num_eval,
+        "val_per_class": args.val_per_class,
         "dsa": args.dsa,
         "dsa_strategy": args.dsa_strategy,
         "amp": args.amp,
@@ -196,13 +201,19 @@ def main(args: argparse.Namespace) -> dict:
                 "device": str(device),
                 "seconds": r.seconds,
                 "mode": r.mode,
+                **(
+                    {}
+                    if r.val_accs is None
+                    else {"val_accs": r.val_accs, "val_mean": r.val_mean, "val_std": r.val_std}
+                ),
             }  # fmt: skip
             for r in results
         },
     }
     if rank == 0:
         for r in results:
-            print(f"{r.model}: {r.mean:.2f} +- {r.std:.2f} over {len(r.accs)} networks "
+            val = "" if r.val_mean is None else f", validation {r.val_mean:.2f} +- {r.val_std:.2f}"
+            print(f"{r.model}: {r.mean:.2f} +- {r.std:.2f}{val} over {len(r.accs)} networks "
                   f"({r.mode}, {r.seconds:.0f} s)")  # fmt: skip
         out = output_path(args)
         save_json(record, out)
