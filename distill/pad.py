@@ -89,16 +89,8 @@ from utils.validation import check_experts_disjoint, selections, update_best  # 
 
 RATIO_KEYS = {"depth": "depth_ratio", "loss": "loss_ratio"}
 # Settings a checkpoint cannot be continued under (they change what the tensors mean).
-IDENTITY_KEYS = (
-    "dataset",
-    "subset",
-    "model",
-    "ipc",
-    "zca",
-    "res",
-    "max_per_class",
-    "val_per_class",
-)
+IDENTITY_KEYS = ("dataset", "subset", "model", "ipc", "zca", "res", "max_per_class",
+                 "val_per_class")  # fmt: skip
 CHECKPOINT_VERSION = 1
 
 
