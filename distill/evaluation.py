@@ -110,12 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
                   "also evaluate hard labels, no augmentation and the same-size Random subset, "
                   "then print LRS and ARS")  # fmt: skip
     p.add_argument("--full_accuracy", type=float,
-                   help="full-data test accuracy in percent for --scores (default: train one "
+                   help="full-data test accuracy in percent for --scores (none: train one "
                    "network on the whole training set once and cache the result)")  # fmt: skip
     p.add_argument(
         "--full_epochs",
         type=int,
-        help="epochs of that full-data training (default: --epoch_eval_train)",
+        help="epochs of that full-data training (none: --epoch_eval_train)",
     )
     p.add_argument(
         "--random_lr",
