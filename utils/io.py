@@ -132,23 +132,22 @@ def load_pt(
         raise UserError(f"cannot read {what} {path}: {reason[:200]} (is it complete?)") from exc
 
 
-def load_json(path: str | os.PathLike, what: str = "file") -> Any:
+def _load_text(path: str | os.PathLike, what: str, parse: Callable[[str], Any], kind: str) -> Any:
     path = Path(path)
     _require_file(path, what)
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read {what} {path}: not valid JSON ({exc})") from exc
+        return parse(path.read_text())
+    except (ValueError, yaml.YAMLError) as exc:  # JSONDecodeError and UnicodeDecodeError too
+        reason = " ".join(str(exc).split())
+        raise UserError(f"cannot read {what} {path}: not valid {kind} ({reason})") from exc
+
+
+def load_json(path: str | os.PathLike, what: str = "file") -> Any:
+    return _load_text(path, what, json.loads, "JSON")
 
 
 def load_yaml(path: str | os.PathLike, what: str = "file") -> Any:
-    path = Path(path)
-    _require_file(path, what)
-    try:
-        return yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        reason = " ".join(str(exc).split())
-        raise UserError(f"cannot read {what} {path}: not valid YAML ({reason})") from exc
+    return _load_text(path, what, yaml.safe_load, "YAML")
 
 
 def run_main(main: Callable[[Any], Any], parse_args: Callable[[], Any]) -> None:
