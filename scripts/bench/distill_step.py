@@ -1,20 +1,27 @@
-"""Seconds and peak memory of one distillation iteration, `graph` vs `recompute`
-(docs/algorithms.md#memory-modes-graph-recompute-hybrid-and-auto).
+"""Seconds and peak memory of one distillation iteration in each memory mode and fast path:
+graph float32 eager (the authors' algorithm, the yardstick), recompute, auto, and the fast paths
+(docs/algorithms.md#memory-modes-graph-recompute-hybrid-and-auto,
+docs/algorithms.md#the-unrolls-fast-path).
 
-For each model, IPC and syn_steps, one iteration is the unroll and the matching-loss gradient of
-`utils.matching.match_trajectory` on CIFAR-shaped random data (10 classes, 3x32x32, batch_syn =
-all, DSA on). Every (model, ipc, steps, mode) runs in its own fresh subprocess, one at a time, so
-peak memory is not polluted by another configuration: on CPU it is the child's peak RSS
-(`ru_maxrss`), reported whole and minus the child's RSS after imports and set-up; on CUDA it is
-`torch.cuda.max_memory_allocated`. Graph-mode configurations whose estimated memory exceeds
---max-graph-gb are skipped and listed as such. Then the ratios against the targets of issue 4.
+For each model:ipc setting and syn_steps, one iteration is the unroll and the matching-loss
+gradient of `utils.matching.match_trajectory` on CIFAR-shaped random data (10 classes, 3x32x32,
+batch_syn = all, DSA on). A mode is `memory[+bf16][+cl][+compile][+budget<GB>]`: the memory key
+(auto resolved by `utils.unroll_memory.choose_memory`, its choice and estimate printed), amp
+bf16, channels_last, compile, memory_budget_gb. Every (setting, steps, mode) runs in its own
+fresh subprocess, so peak memory is not polluted by another configuration: on CPU it is the
+child's peak RSS (`ru_maxrss`), reported whole and minus the child's RSS after imports and
+set-up; on CUDA it is `torch.cuda.max_memory_allocated`. Graph-mode configurations whose
+estimated memory exceeds --max-graph-gb are skipped and listed as such. Then every mode's time
+against the yardstick's and the targets of issue 11 (auto <= 1.05x where it chose graph, a
+small-budget auto <= 1.2x recompute's peak, the fastest <= 0.5x).
 
-Time is the median over --repeats iterations, as wall seconds and as the child's CPU seconds.
-With one torch thread (the default) CPU seconds barely depend on what else the machine runs, so
-the time ratios use them on a shared machine; wall seconds are what a user waits.
+Time is the median over --rounds fresh processes x --repeats iterations (the rounds interleave
+the modes), as wall seconds and as the child's CPU seconds. With one torch thread (the default)
+CPU seconds depend less on what else the machine runs, so the ratios use them; wall seconds are
+what a user waits. "1st s" is the first iteration (with compile: including compiling).
 
-    python scripts/bench/distill_step.py --models ConvNetW32 --ipcs 1 --steps 20 40 --repeats 2
-    python scripts/bench/distill_step.py            # the full grid (hours on 2 CPU cores)
+    python scripts/bench/distill_step.py --settings ConvNetW32:1 --steps 20 --rounds 1
+    python scripts/bench/distill_step.py            # the issue's grid (an hour or more on 2 cores)
 """
 
 from __future__ import annotations
