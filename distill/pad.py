@@ -60,6 +60,7 @@ from utils.matching import (  # noqa: E402
     match_trajectory,
 )
 from utils.networks import get_network  # noqa: E402
+from utils.progress import progress_bar  # noqa: E402
 from utils.runtime import get_rng_state, resolve_device, seed_everything, set_rng_state  # noqa: E402
 from utils.synset import (  # noqa: E402
     PIX_INITS,
@@ -136,7 +137,9 @@ def main(mask_name: str, argv: list[str] | None = None) -> dict:
 
     # ---- the loop: it = 0 .. Iteration (docs/algorithms.md#one-iteration) ------------------------
     iterations = range(progress.next_iteration, cfg.Iteration + 1)
-    bar = tqdm(iterations, initial=iterations.start, total=cfg.Iteration + 1, disable=None)
+    bar = progress_bar(
+        iterations, initial=iterations.start, total=cfg.Iteration + 1, desc="distill"
+    )
     with StopOnSignal() as stop:
         for it in bar:
             # docs/algorithms.md#evaluation-and-saving-cadence: before this iteration's update

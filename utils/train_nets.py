@@ -41,10 +41,10 @@ from torch import Tensor
 from torch.func import functional_call, stack_module_state, vmap
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
-from tqdm import tqdm
 
 from utils.augment import DSA_STRATEGY, augment
 from utils.matching import soft_cross_entropy
+from utils.progress import progress_bar
 
 MOMENTUM = 0.9  # docs/algorithms.md#evaluation-protocol
 WEIGHT_DECAY = 5e-4
@@ -210,7 +210,7 @@ def _train_batched(nets, images, labels, lr, generators, config, device, desc) -
     optimizer = _StackedSGD(params, lr)
     history = TrainHistory()
     epoch_losses = []
-    for ep in tqdm(range(config.epochs + 1), desc=desc, disable=None, leave=False):
+    for ep in progress_bar(range(config.epochs + 1), desc=desc, leave=False):
         # each network draws its permutation before its batches' DSA parameters, as sequentially
         orders = [_epoch_batches(len(images), config.batch_train, g) for g in generators]
         batch_losses = []
@@ -242,7 +242,7 @@ def _train_batched(nets, images, labels, lr, generators, config, device, desc) -
 def _train_sequential(nets, images, labels, lr, generators, config, device, desc) -> TrainHistory:
     history = TrainHistory()
     losses = torch.zeros(config.epochs + 1, len(nets))
-    progress = tqdm(total=len(nets) * (config.epochs + 1), desc=desc, disable=None, leave=False)
+    bar = progress_bar(total=len(nets) * (config.epochs + 1), desc=desc, leave=False)
     for k, (net, g) in enumerate(zip(nets, generators, strict=True)):
         net_lr = lr
         optimizer = _sgd(net, net_lr)
@@ -264,8 +264,8 @@ def _train_sequential(nets, images, labels, lr, generators, config, device, desc
             if ep == config.epochs // 2 + 1:
                 net_lr *= LR_DECAY
                 optimizer = _sgd(net, net_lr)
-            progress.update()
-    progress.close()
+            bar.update()
+    bar.close()
     history.loss = losses
     return history
 
