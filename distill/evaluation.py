@@ -34,12 +34,20 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.augment import DSA_STRATEGY  # noqa: E402
+from utils.compiled import COMPILE_MODES, resolve_compile  # noqa: E402
 from utils.config import HelpFormatter, add_bool_flag, str2bool  # noqa: E402
 from utils.data import get_dataset  # noqa: E402
-from utils.evaluate import EVAL_MODES, eval_pool, evaluate_models, random_real_set  # noqa: E402
+from utils.evaluate import (  # noqa: E402
+    EVAL_AMP_MODES,
+    EVAL_MODES,
+    eval_pool,
+    evaluate_models,
+    random_real_set,
+    resolve_amp,
+)
 from utils.io import UserError, load_pt, run_main, save_json  # noqa: E402
 from utils.networks import check_model_names  # noqa: E402
-from utils.runtime import AMP_MODES, rank_and_world, rank_device  # noqa: E402
+from utils.runtime import rank_and_world, rank_device  # noqa: E402
 
 RANDOM_LR = 0.01  # --lr_net default for the Random baseline
 
@@ -75,7 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr_net", type=float, help="learning rate instead of --lr_dir")
     p.add_argument("--random_ipc", type=int, help="evaluate K random real images per class")
     p.add_argument("--max_per_class", type=int, help="use the first N train images of each class")
-    p.add_argument("--amp", default="off", choices=AMP_MODES, help="bf16: bfloat16 autocast")
+    p.add_argument("--amp", default="auto", choices=EVAL_AMP_MODES,
+                   help="bf16: bfloat16 autocast; auto: bf16 where the device has native bf16 "
+                   "(docs/algorithms.md#evaluation-speed)")  # fmt: skip
+    p.add_argument(
+        "--compile",
+        default="auto",
+        choices=COMPILE_MODES,
+        help="torch.compile the networks: auto (where torch can), true, false",
+    )
     p.add_argument("--batched", type=lambda v: None if v == "auto" else str2bool(v), nargs="?",
                    const=True, default="auto", metavar="BOOL|auto",
                    help="train the networks of a model as one vmapped ensemble: true, false, or "
@@ -153,6 +169,8 @@ def main(args: argparse.Namespace) -> dict:
     model_names(args, (32, 32))  # an unknown model or eval_mode fails before the data set loads
     rank, world = rank_and_world()
     device = rank_device(args.device, world)
+    amp = resolve_amp(args.amp, device, "--amp")
+    compiled = resolve_compile(args.compile, device)
     if args.random_ipc is None:  # read the small files before the (slow) data set
         images = load_tensor(args.data_dir, "images file (--data_dir)")
         labels = load_tensor(args.label_dir, "labels file (--label_dir)")
@@ -165,7 +183,8 @@ def main(args: argparse.Namespace) -> dict:
     results = evaluate_models(
         names, images, labels, lr, data, epochs=args.epoch_eval_train,
         batch_train=args.batch_train, dsa=args.dsa, dsa_strategy=args.dsa_strategy,
-        num_eval=args.num_eval, device=device, seed=args.seed, amp=args.amp, batched=args.batched,
+        num_eval=args.num_eval, device=device, seed=args.seed, amp=amp, compile=compiled,
+        batched=args.batched,
     )  # fmt: skip
     record = {
         "dataset": args.dataset,
@@ -181,7 +200,8 @@ def main(args: argparse.Namespace) -> dict:
         "num_eval": args.num_eval,
         "dsa": args.dsa,
         "dsa_strategy": args.dsa_strategy,
-        "amp": args.amp,
+        "amp": amp,
+        "compile": compiled,
         "world_size": world,
         "torch": torch.__version__,
         "models": {

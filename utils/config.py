@@ -171,6 +171,12 @@ KEYS: dict[str, Key] = {
             "wandb logging: off, offline or online (metrics.jsonl is always written)", OURS),
         Key("amp", "off", "str",
             "evaluation precision: off (float32, the paper's) or bf16 autocast", OURS),
+        Key("eval_amp", "auto", "str",
+            "evaluation precision: auto (bf16 where the device has native bf16, or when amp is "
+            "bf16), off (float32) or bf16", OURS),
+        Key("eval_compile", "auto", "str",
+            "torch.compile the evaluation networks: auto (where torch can compile), true or false",
+            OURS),
         Key("max_per_class", None, "int?",
             "use only the first max_per_class train images of each class (null: all)", OURS),
         Key("eval_seed", 0, "int",
