@@ -342,7 +342,9 @@ def evaluate_models(
     (rank, world size) `ranks` (default: torchrun's; each rank trains its share of a model as one
     ensemble) and gathered over gloo; every rank returns the full results. `seconds` is then the
     slowest rank's time on the model. A network's accuracy does not depend on the number of ranks
-    (see the module docstring)."""
+    (see the module docstring). amp: auto|off|bf16 and compile: auto|true|false (or a bool), see
+    docs/algorithms.md#evaluation-speed; the defaults here are float32 eager, the entry points'
+    (distill/evaluation.py, eval_amp and eval_compile of the distillation) are auto."""
     lr, config = _checked_setup(images, labels, lr, data, model_names, epochs, batch_train,
                                 num_eval, amp, seed, dsa, dsa_strategy, device, compile,
                                 batched)  # fmt: skip

@@ -21,6 +21,10 @@ amp="bf16": torch.autocast(bfloat16) around the forward passes in the sequential
 batched mode the inputs of convolutions and matrix products are cast to bfloat16 instead, because
 torch.autocast does not reach through vmap. Losses are computed in float32.
 
+compile=True (sequential engine only): each network's forward runs through the cached compiled
+`functional_call` of its architecture (utils/compiled.py, docs/algorithms.md#evaluation-speed),
+with its own parameters and buffers as inputs; the test pass pads its last batch to a full one.
+
 Randomness: network k draws, per pass, the permutation of the set and then, per batch, the DSA
 parameters from its own CPU generator generators[k]. Both modes use each generator in that same
 order, so they see the same data order and augmentations, and a network's randomness does not
