@@ -17,8 +17,10 @@ Labels may be soft (float [N, classes] logits: soft cross-entropy) or hard (int 
 entropy); sets saved by the authors' code (labels with requires_grad, lr a 0-d tensor) load as
 they are. With --zca the images are taken to be in ZCA space already, as distillation saves them.
 The JSON goes next to the images file (`eval_best.json` for `images_best.pt`), or to the working
-directory for --random_ipc, unless --out names a file or a folder. Under torchrun the ranks split
-the (model, network) pairs and rank 0 prints and writes the results.
+directory for --random_ipc, unless --out names a file or a folder. By default the networks run
+in bf16 where the device has native bf16 and compiled where torch can compile (--amp auto
+--compile auto, docs/algorithms.md#evaluation-speed); --amp off --compile false is float32 eager.
+Under torchrun the ranks split the (model, network) pairs and rank 0 prints and writes the results.
 """
 
 from __future__ import annotations
