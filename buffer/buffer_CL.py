@@ -54,6 +54,7 @@ from utils.difficulty import (  # noqa: E402
 from utils.gsam import GSAM  # noqa: E402
 from utils.io import UserError, run_main, save_yaml  # noqa: E402
 from utils.networks import check_model_names, get_network  # noqa: E402
+from utils.progress import progress_bar  # noqa: E402
 from utils.runtime import (  # noqa: E402
     AMP_MODES,
     derived_seeds,
@@ -310,7 +311,7 @@ def train_expert(
     # Dynamo compiles on the first expert; later ones reuse its code (parameters are inputs).
     forward = torch.compile(model) if args.compile else model
     trajectory, records = [snapshot_params(model)], []
-    epochs = tqdm(range(args.train_epochs), desc=f"expert {k}", leave=False, disable=None)
+    epochs = progress_bar(range(args.train_epochs), desc=f"expert {k}", leave=False)
     for epoch in epochs:
         start = time.perf_counter()
         indices, (drop_easy, keep_upto) = epoch_indices(order, epoch, args, len(data.labels_train))
@@ -406,7 +407,7 @@ def main(args: argparse.Namespace) -> None:
     meta = sidecar_meta(settings, shapes, rank, world, device, index_path)
 
     # ---- the loop: one expert at a time, kept as soon as it is finished ----------------------
-    for job, k in tqdm(todo, desc="experts", disable=None):
+    for job, k in progress_bar(todo, desc="experts"):
         start = time.perf_counter()
         extra = {"file": job.number, "rank": rank}
         trajectory, records = train_expert(k, data, tensors, order, args, metrics, extra)

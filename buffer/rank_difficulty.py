@@ -49,6 +49,7 @@ from utils.data import Data, get_dataset  # noqa: E402
 from utils.difficulty import METHODS, SCORE_FUNCTIONS, rank_by_class  # noqa: E402
 from utils.io import UserError, load_pt, run_main, save_json, save_pt  # noqa: E402
 from utils.networks import check_model_names, get_network  # noqa: E402
+from utils.progress import progress_bar  # noqa: E402
 from utils.runtime import AMP_MODES, repo_root, resolve_device, seed_everything  # noqa: E402
 
 SCORE_DEFINITIONS = {
@@ -112,7 +113,7 @@ def main(args: argparse.Namespace) -> Path:
     key = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
     start = time.perf_counter()
     per_repeat, runs = [], []
-    for k in tqdm(range(args.repeat), desc="repeats", disable=None):
+    for k in progress_bar(range(args.repeat), desc="repeats"):
         scores, run = scored_repeat(args, data, k, device, partial / f"repeat_{k}-{key}.pt", config)
         per_repeat.append(scores)
         runs.append(run)
@@ -270,7 +271,7 @@ def train(
     )
     model.train()
     loss, acc = None, None
-    epochs = tqdm(range(args.epochs), desc=desc, leave=False, disable=None)
+    epochs = progress_bar(range(args.epochs), desc=desc, leave=False)
     for _ in epochs:
         permutation = torch.randperm(len(images)).to(images.device)
         loss_sum = torch.zeros((), device=images.device)

@@ -17,8 +17,10 @@ Labels may be soft (float [N, classes] logits: soft cross-entropy) or hard (int 
 entropy); sets saved by the authors' code (labels with requires_grad, lr a 0-d tensor) load as
 they are. With --zca the images are taken to be in ZCA space already, as distillation saves them.
 The JSON goes next to the images file (`eval_best.json` for `images_best.pt`), or to the working
-directory for --random_ipc, unless --out names a file or a folder. Under torchrun the ranks split
-the (model, network) pairs and rank 0 prints and writes the results.
+directory for --random_ipc, unless --out names a file or a folder. By default the networks run
+in bf16 where the device has native bf16 and compiled where torch can compile (--amp auto
+--compile auto, docs/algorithms.md#evaluation-speed); --amp off --compile false is float32 eager.
+Under torchrun the ranks split the (model, network) pairs and rank 0 prints and writes the results.
 
 Evaluation a reviewer trusts (docs/evaluation.md):
 
@@ -46,19 +48,22 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.augment import DSA_STRATEGY  # noqa: E402
+from utils.compiled import COMPILE_MODES, resolve_compile  # noqa: E402
 from utils.config import HelpFormatter, add_bool_flag, str2bool  # noqa: E402
 from utils.data import Data, get_dataset  # noqa: E402
 from utils.evaluate import (  # noqa: E402
+    EVAL_AMP_MODES,
     EVAL_MODES,
     EVAL_POOLS,
     EvalResult,
     eval_pool,
     evaluate_models,
     random_real_set,
+    resolve_amp,
 )
 from utils.io import UserError, atomic_write, load_json, load_pt, run_main, save_json  # noqa: E402
 from utils.networks import check_model_names  # noqa: E402
-from utils.runtime import AMP_MODES, rank_and_world, rank_device  # noqa: E402
+from utils.runtime import rank_and_world, rank_device  # noqa: E402
 from utils.scores import SCORE_ROWS, check_full_accuracy, robust_scores  # noqa: E402
 from utils.tables import markdown_table, mean_std, text_table  # noqa: E402
 from utils.tensor_cache import cache_root  # noqa: E402
@@ -100,7 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val_per_class", type=int, default=0,
                    help="hold out the last N train images per class and report their accuracy "
                    "too (docs/evaluation.md#validation-split)")  # fmt: skip
-    p.add_argument("--amp", default="off", choices=AMP_MODES, help="bf16: bfloat16 autocast")
+    p.add_argument("--amp", default="auto", choices=EVAL_AMP_MODES,
+                   help="bf16: bfloat16 autocast; auto: bf16 where the device has native bf16 "
+                   "(docs/algorithms.md#evaluation-speed)")  # fmt: skip
+    p.add_argument(
+        "--compile",
+        default="auto",
+        choices=COMPILE_MODES,
+        help="torch.compile the networks: auto (where torch can), true, false",
+    )
     p.add_argument("--batched", type=lambda v: None if v == "auto" else str2bool(v), nargs="?",
                    const=True, default="auto", metavar="BOOL|auto",
                    help="train the networks of a model as one vmapped ensemble: true, false, or "
@@ -203,7 +216,7 @@ def evaluate_set(
     options = dict(
         epochs=args.epoch_eval_train, batch_train=args.batch_train, dsa=args.dsa,
         dsa_strategy=args.dsa_strategy, num_eval=args.num_eval, device=device, seed=args.seed,
-        amp=args.amp, batched=args.batched,
+        amp=args.amp, compile=args.compile, batched=args.batched,
     )  # fmt: skip
     options.update(overrides)
     return {r.model: r for r in evaluate_models(names, images, labels, lr, data, **options)}
@@ -328,6 +341,9 @@ def main(args: argparse.Namespace) -> dict:
     model_names(args, (32, 32))  # an unknown model or eval_mode fails before the data set loads
     rank, world = rank_and_world()
     device = rank_device(args.device, world)
+    # resolved once: every evaluation of this run (set, Random, scores) uses the same speed options
+    args.amp = amp = resolve_amp(args.amp, device, "--amp")
+    args.compile = compiled = resolve_compile(args.compile, device)
     if args.random_ipc is None:  # read the small files before the (slow) data set
         images = load_tensor(args.data_dir, "images file (--data_dir)")
         labels = load_tensor(args.label_dir, "labels file (--label_dir)")
@@ -364,7 +380,8 @@ def main(args: argparse.Namespace) -> dict:
         "val_per_class": args.val_per_class,
         "dsa": args.dsa,
         "dsa_strategy": args.dsa_strategy,
-        "amp": args.amp,
+        "amp": amp,
+        "compile": compiled,
         "world_size": world,
         "torch": torch.__version__,
         "models": {name: model_record(r, args, device) for name, r in results.items()},

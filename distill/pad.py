@@ -46,9 +46,10 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from utils.compiled import resolve_compile  # noqa: E402
 from utils.config import DEFAULTS, parse_config_args, save_config  # noqa: E402
 from utils.data import Data, get_dataset  # noqa: E402
-from utils.evaluate import eval_pool, evaluate_synset  # noqa: E402
+from utils.evaluate import eval_pool, evaluate_synset, resolve_amp  # noqa: E402
 from utils.io import UserError, atomic_write, load_pt, run_main, save_json, save_pt  # noqa: E402
 from utils.matching import (  # noqa: E402
     InnerSteps,
@@ -61,6 +62,7 @@ from utils.matching import (  # noqa: E402
     match_trajectory,
 )
 from utils.networks import get_network  # noqa: E402
+from utils.progress import progress_bar  # noqa: E402
 from utils.runtime import get_rng_state, resolve_device, seed_everything, set_rng_state  # noqa: E402
 from utils.synset import (  # noqa: E402
     PIX_INITS,
@@ -120,6 +122,7 @@ def main(mask_name: str, argv: list[str] | None = None) -> dict:
         raise UserError(no_experts_message(cfg, folder))
     device = resolve_device(cfg.device)
     step_options = make_step_options(cfg.amp, cfg.channels_last, cfg.compile, device)
+    eval_speed = evaluation_speed(cfg, device)  # checked once, before the set-up
 
     # ---- set-up ------------------------------------------------------------------------------
     seed_everything(cfg.seed)
@@ -138,7 +141,8 @@ def main(mask_name: str, argv: list[str] | None = None) -> dict:
     print(
         f"PAD ({mask.name} mask, {ratio_key} {mask.ratio}): {cfg.dataset} IPC {cfg.ipc}, "
         f"{cfg.model} ({student.num_params} parameters) on {device}; {len(files)} expert "
-        f"file(s) in {folder}"
+        f"file(s) in {folder}; evaluation {eval_speed['amp']}"
+        f"{', compiled' if eval_speed['compile'] else ''}"
     )
     syn = synthetic_set(cfg, checkpoint, data, indices_class, files, student, device, generators)
     optimizers = synset_optimizers(cfg, syn)
@@ -149,7 +153,9 @@ def main(mask_name: str, argv: list[str] | None = None) -> dict:
 
     # ---- the loop: it = 0 .. Iteration (docs/algorithms.md#one-iteration) ------------------------
     iterations = range(progress.next_iteration, cfg.Iteration + 1)
-    bar = tqdm(iterations, initial=iterations.start, total=cfg.Iteration + 1, disable=None)
+    bar = progress_bar(
+        iterations, initial=iterations.start, total=cfg.Iteration + 1, desc="distill"
+    )
     with StopOnSignal() as stop:
         for it in bar:
             # docs/algorithms.md#evaluation-and-saving-cadence: before this iteration's update
@@ -279,6 +285,16 @@ def check_settings(cfg: SimpleNamespace) -> None:
             raise UserError(f"{key}={getattr(cfg, key)}: expected at least {minimum}")
     if cfg.texture:
         raise UserError("texture=True: texture distillation is not part of PAD; set it to False")
+
+
+def evaluation_speed(cfg: SimpleNamespace, device: torch.device) -> dict:
+    """The evaluation's precision and compilation (docs/algorithms.md#evaluation-speed): eval_amp
+    auto follows amp: bf16, else picks bf16 where the device has it natively."""
+    amp = cfg.amp if cfg.eval_amp == "auto" and cfg.amp == "bf16" else cfg.eval_amp
+    return {
+        "amp": resolve_amp(amp, device, "eval_amp"),
+        "compile": resolve_compile(cfg.eval_compile, device, "eval_compile"),
+    }
 
 
 def run_folder(cfg: SimpleNamespace, mask: str) -> Path:
@@ -533,7 +549,7 @@ def evaluate(run: Run, it: int, syn: SynSet) -> bool:
             name, tensors["images"], tensors["labels"], lr, run.data,
             epochs=cfg.epoch_eval_train, batch_train=cfg.batch_train, dsa=cfg.dsa,
             dsa_strategy=cfg.dsa_strategy, num_eval=cfg.num_eval, device=run.device,
-            seed=cfg.eval_seed + it, amp=cfg.amp,
+            seed=cfg.eval_seed + it, **evaluation_speed(cfg, run.device),
         )  # fmt: skip
         # docs/evaluation.md#validation-split: by validation accuracy when the split is on
         best, better = update_best(

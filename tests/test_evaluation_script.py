@@ -39,7 +39,8 @@ def cache_dir(world, monkeypatch, one_thread):
 
 def base_args(world, *extra):
     return ["--dataset", "ImageFolder", f"--data_path={world / 'data'}", "--epoch_eval_train=2",
-            "--num_eval=2", "--models=ConvNetW32", "--batch_train=4", *extra]  # fmt: skip
+            "--num_eval=2", "--models=ConvNetW32", "--batch_train=4", "--compile=false",
+            *extra]  # fmt: skip
 
 
 def set_args(world, *extra):

@@ -65,6 +65,7 @@ def argv(world, tmp, **overrides):
         "Sequential_Generation": False, "Iteration": 4, "eval_it": 2, "epoch_eval_train": 2,
         "num_eval": 1, "batch_syn": 4, "batch_train": 4, "pix_init": "real", "zca": True,
         "lr_img": 10, "lr_y": 2, "depth_ratio": 0.5, "loss_ratio": 0.5, "threshold": 10.0,
+        "eval_compile": "false",  # compiling would take minutes here (tests/test_compiled.py)
     }  # fmt: skip
     settings.update(overrides)
     return [token for key, value in settings.items() for token in (f"--{key}", str(value))]

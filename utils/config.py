@@ -178,13 +178,20 @@ KEYS: dict[str, Key] = {
         Key("wandb", "off", "str",
             "wandb logging: off, offline or online (metrics.jsonl is always written)", OURS),
         Key("amp", "off", "str",
-            "precision of the inner steps and the evaluation: off (float32, the paper's) or bf16 "
-            "autocast (parameters, adjoints and the matching loss stay float32)", OURS),
+            "precision of the inner steps: off (float32, the paper's) or bf16 autocast "
+            "(parameters, adjoints and the matching loss stay float32); with eval_amp auto, "
+            "bf16 also makes the evaluation bf16", OURS),
         Key("channels_last", False, "bool",
             "the inner steps' batches in channels-last memory format", OURS),
         Key("compile", False, "bool",
             "torch.compile the graph-free inner steps of recompute and hybrid (needs a C++ "
             "compiler on CPU; compiles for minutes first)", OURS),
+        Key("eval_amp", "auto", "str",
+            "evaluation precision: auto (bf16 where the device has native bf16, or when amp is "
+            "bf16), off (float32) or bf16", OURS),
+        Key("eval_compile", "auto", "str",
+            "torch.compile the evaluation networks: auto (where torch can compile), true or false",
+            OURS),
         Key("max_per_class", None, "int?",
             "use only the first max_per_class train images of each class (null: all)", OURS),
         Key("val_per_class", 0, "int",

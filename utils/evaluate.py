@@ -32,6 +32,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from utils.augment import DSA_STRATEGY, sample_dsa_params
+from utils.compiled import resolve_compile
 from utils.data import Data
 from utils.io import UserError
 from utils.networks import check_model_names, get_network
@@ -57,6 +58,7 @@ X_TINY_POOL = (
     "LeNet_Tiny", "MLP_Tiny",
 )  # fmt: skip
 EVAL_MODES = ("S", "C", *EVAL_POOLS)
+EVAL_AMP_MODES = ("auto", *AMP_MODES)  # auto: bf16 where the device has native bf16
 
 
 def eval_pool(eval_mode: str, model: str, im_size: tuple[int, int] = (32, 32)) -> list[str]:
@@ -152,8 +154,33 @@ def _check_lr(lr: float | Tensor) -> float:
     return lr
 
 
+def bf16_supported(device: torch.device) -> bool:
+    """Native bfloat16 arithmetic: CUDA's check, or oneDNN's (AVX512-BF16/AMX) on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_amp(amp: str, device: torch.device, what: str = "amp") -> str:
+    """auto|off|bf16 -> off or bf16 on `device` (auto: bf16 where the device has native bf16,
+    measured as accurate as float32 in docs/algorithms.md#evaluation-speed)."""
+    if amp not in EVAL_AMP_MODES:
+        raise UserError(f"{what} {amp!r} is unknown: expected one of {', '.join(EVAL_AMP_MODES)}")
+    if amp == "auto":
+        return "bf16" if bf16_supported(device) else "off"
+    if amp == "bf16" and not bf16_supported(device):
+        raise UserError(
+            f"{what} bf16 on {device}, which has no native bfloat16 arithmetic (no AVX512-BF16/AMX "
+            f"on this CPU, or a GPU before Ampere): use {what} off"
+        )
+    return amp
+
+
 def _check_options(
-    epochs: int, batch_train: int, num_eval: int, amp: str, seed: int, dsa: bool, strategy: str
+    epochs: int, batch_train: int, num_eval: int, seed: int, dsa: bool, strategy: str
 ) -> None:
     if dsa:  # an unknown op is a UserError here rather than after the networks are built
         sample_dsa_params(1, (8, 8), strategy, generator=torch.Generator())
@@ -162,8 +189,6 @@ def _check_options(
             f"epochs={epochs}, batch_train={batch_train}, num_eval={num_eval}: expected "
             "epochs >= 0, batch_train >= 1 and num_eval >= 1"
         )
-    if amp not in AMP_MODES:
-        raise UserError(f"amp {amp!r} is unknown: expected one of {', '.join(AMP_MODES)}")
     if seed < 0:
         raise UserError(f"seed {seed} is negative: expected a seed >= 0")
 
@@ -235,19 +260,21 @@ def _evaluate_networks(
     accuracies or None, seconds, mode)."""
     start = time.perf_counter()
     if batched is None:  # measured (scripts/bench/eval_batched.py): batching loses on the CPU
-        batched = device.type != "cpu"
+        batched = device.type != "cpu" and not config.compile
     batched = batched and len(indices) > 1  # an ensemble of one only adds vmap's overhead
     nets = init_networks(model_name, data, seed, indices)
     train_networks(nets, images, labels, lr, data_generators(seed, indices), config,
                    device=device, batched=batched, desc=f"eval {model_name}")  # fmt: skip
     accs = networks_accuracy(
-        nets, data.images_test, data.labels_test, device=device, amp=config.amp, batched=batched
-    )
+        nets, data.images_test, data.labels_test, device=device, amp=config.amp, batched=batched,
+        compile=config.compile,
+    )  # fmt: skip
     val_accs = None
     if data.images_val is not None:
         val_accs = networks_accuracy(
-            nets, data.images_val, data.labels_val, device=device, amp=config.amp, batched=batched
-        )
+            nets, data.images_val, data.labels_val, device=device, amp=config.amp,
+            batched=batched, compile=config.compile,
+        )  # fmt: skip
     return accs, val_accs, time.perf_counter() - start, "batched" if batched else "sequential"
 
 
@@ -266,13 +293,20 @@ def _result(model_name: str, accs: list[float], seconds: float, lr: float, mode:
 def _checked_setup(
     images: Tensor, labels: Tensor, lr: float, data: Data, model_names: Sequence[str],
     epochs: int, batch_train: int, num_eval: int, amp: str, seed: int, dsa: bool,
-    dsa_strategy: str,
+    dsa_strategy: str, device: torch.device, compile: str | bool, batched: bool | None,
 ) -> tuple[float, TrainConfig]:  # fmt: skip
     """Validate an evaluation's inputs (UserError on a mistake); its lr and training config."""
     lr = check_synset(images, labels, lr, data)
-    _check_options(epochs, batch_train, num_eval, amp, seed, dsa, dsa_strategy)
+    _check_options(epochs, batch_train, num_eval, seed, dsa, dsa_strategy)
     check_model_names(model_names)
-    return lr, TrainConfig(epochs, batch_train, dsa, dsa_strategy, amp)
+    amp = resolve_amp(amp, device)
+    compiled = resolve_compile(compile, device, "compile")
+    if compiled and batched:
+        raise UserError(
+            "compile and batched=True cannot be combined (the vmapped ensemble is not compiled): "
+            "use batched auto or false with compile, or compile false"
+        )
+    return lr, TrainConfig(epochs, batch_train, dsa, dsa_strategy, amp, compiled)
 
 
 def evaluate_synset(
@@ -315,6 +349,7 @@ def evaluate_models(
     device: torch.device = CPU,
     seed: int = 0,
     amp: str = "off",
+    compile: str | bool = "false",
     batched: bool | None = None,
     ranks: tuple[int, int] | None = None,
 ) -> list[EvalResult]:
@@ -322,9 +357,12 @@ def evaluate_models(
     (rank, world size) `ranks` (default: torchrun's; each rank trains its share of a model as one
     ensemble) and gathered over gloo; every rank returns the full results. `seconds` is then the
     slowest rank's time on the model. A network's accuracy does not depend on the number of ranks
-    (see the module docstring)."""
+    (see the module docstring). amp: auto|off|bf16 and compile: auto|true|false (or a bool), see
+    docs/algorithms.md#evaluation-speed; the defaults here are float32 eager, the entry points'
+    (distill/evaluation.py, eval_amp and eval_compile of the distillation) are auto."""
     lr, config = _checked_setup(images, labels, lr, data, model_names, epochs, batch_train,
-                                num_eval, amp, seed, dsa, dsa_strategy)  # fmt: skip
+                                num_eval, amp, seed, dsa, dsa_strategy, device, compile,
+                                batched)  # fmt: skip
     rank, world = rank_and_world() if ranks is None else ranks
     mine = assign_networks(model_names, num_eval, rank, world)
     local = {}

@@ -21,6 +21,10 @@ amp="bf16": torch.autocast(bfloat16) around the forward passes in the sequential
 batched mode the inputs of convolutions and matrix products are cast to bfloat16 instead, because
 torch.autocast does not reach through vmap. Losses are computed in float32.
 
+compile=True (sequential engine only): each network's forward runs through the cached compiled
+`functional_call` of its architecture (utils/compiled.py, docs/algorithms.md#evaluation-speed),
+with its own parameters and buffers as inputs; the test pass pads its last batch to a full one.
+
 Randomness: network k draws, per pass, the permutation of the set and then, per batch, the DSA
 parameters from its own CPU generator generators[k]. Both modes use each generator in that same
 order, so they see the same data order and augmentations, and a network's randomness does not
@@ -31,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -41,10 +45,12 @@ from torch import Tensor
 from torch.func import functional_call, stack_module_state, vmap
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
-from tqdm import tqdm
 
 from utils.augment import DSA_STRATEGY, augment
+from utils.compiled import compiled_forward
+from utils.io import UserError
 from utils.matching import soft_cross_entropy
+from utils.progress import progress_bar
 
 MOMENTUM = 0.9  # docs/algorithms.md#evaluation-protocol
 WEIGHT_DECAY = 5e-4
@@ -98,6 +104,7 @@ class TrainConfig:
     dsa: bool = True
     dsa_strategy: str = DSA_STRATEGY
     amp: str = "off"
+    compile: bool = False  # torch.compile the forward passes (sequential engine only)
 
 
 @dataclass
@@ -196,6 +203,9 @@ def train_networks(
     images, labels = images.detach().to(device, torch.float32), labels.detach().to(device)
     if not labels.is_floating_point():
         labels = labels.long()
+    if batched and config.compile:
+        raise UserError("compile and batched=True cannot be combined: the vmapped ensemble is "
+                        "not compiled; use batched=False (or auto) with compile")  # fmt: skip
     run = _train_batched if batched else _train_sequential
     return run(list(nets), images, labels, lr, list(generators), config, device, desc)
 
@@ -210,7 +220,7 @@ def _train_batched(nets, images, labels, lr, generators, config, device, desc) -
     optimizer = _StackedSGD(params, lr)
     history = TrainHistory()
     epoch_losses = []
-    for ep in tqdm(range(config.epochs + 1), desc=desc, disable=None, leave=False):
+    for ep in progress_bar(range(config.epochs + 1), desc=desc, leave=False):
         # each network draws its permutation before its batches' DSA parameters, as sequentially
         orders = [_epoch_batches(len(images), config.batch_train, g) for g in generators]
         batch_losses = []
@@ -242,16 +252,16 @@ def _train_batched(nets, images, labels, lr, generators, config, device, desc) -
 def _train_sequential(nets, images, labels, lr, generators, config, device, desc) -> TrainHistory:
     history = TrainHistory()
     losses = torch.zeros(config.epochs + 1, len(nets))
-    progress = tqdm(total=len(nets) * (config.epochs + 1), desc=desc, disable=None, leave=False)
+    bar = progress_bar(total=len(nets) * (config.epochs + 1), desc=desc, leave=False)
     for k, (net, g) in enumerate(zip(nets, generators, strict=True)):
         net_lr = lr
         optimizer = _sgd(net, net_lr)
+        forward = _forward(net, config.amp, device, config.compile)
         for ep in range(config.epochs + 1):
             batch_losses = []
             for index in _epoch_batches(len(images), config.batch_train, g):
                 x = _augment(images[index], g, config)
-                with _autocast(device, config.amp, batched=False):
-                    logits = net(x)
+                logits = forward(x)
                 loss = _criterion(logits, labels[index])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -264,10 +274,25 @@ def _train_sequential(nets, images, labels, lr, generators, config, device, desc
             if ep == config.epochs // 2 + 1:
                 net_lr *= LR_DECAY
                 optimizer = _sgd(net, net_lr)
-            progress.update()
-    progress.close()
+            bar.update()
+    bar.close()
     history.loss = losses
     return history
+
+
+def _forward(net: nn.Module, amp: str, device: torch.device, compile: bool) -> Callable:
+    """x -> net(x) in `amp` precision: eager, or the cached compiled forward of net's
+    architecture and mode (utils/compiled.py) called with net's own parameters and buffers."""
+    if not compile:
+
+        def eager(x: Tensor) -> Tensor:
+            with _autocast(device, amp, batched=False):
+                return net(x)
+
+        return eager
+    compiled = compiled_forward(net, amp, device)
+    params, buffers = dict(net.named_parameters()), dict(net.named_buffers())
+    return lambda x: compiled(params, buffers, x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,12 +301,14 @@ def _train_sequential(nets, images, labels, lr, generators, config, device, desc
 
 def _logit_batches(
     nets: Sequence[nn.Module], images: Tensor, device: torch.device, amp: str, batched: bool,
-    batch: int,
+    batch: int, compile: bool = False,
 ) -> Iterator[tuple[int, Tensor]]:  # fmt: skip
     """(start, logits [M, b, classes]) per test batch; eval mode, no augmentation.
 
     The batched pass takes batch // M images at a time, so that its tensors are the size of one
     network's batch (measured faster on CPU); in eval mode the batch size does not change logits.
+    Compiled, the last partial batch is padded to `batch` images, so that the test pass has one
+    shape and compiles once (eval mode: each image's logits depend on that image alone).
     """
     for net in nets:
         net.to(device).eval()
@@ -289,14 +316,18 @@ def _logit_batches(
     if ensemble is not None:
         ensemble.train(False)
         batch = max(1, batch // len(nets))
+    forwards = [] if batched else [_forward(net, amp, device, compile) for net in nets]
     with torch.no_grad():
         for start in range(0, len(images), batch):
             x = images[start : start + batch].to(device, torch.float32)
-            with _autocast(device, amp, batched=batched):
-                if ensemble is not None:
+            if ensemble is not None:
+                with _autocast(device, amp, batched=True):
                     logits = ensemble(x, shared_input=True)
-                else:
-                    logits = torch.stack([net(x) for net in nets])
+            else:
+                size = len(x)
+                if compile and size < batch:
+                    x = torch.cat([x, x.new_zeros(batch - size, *x.shape[1:])])
+                logits = torch.stack([forward(x)[:size] for forward in forwards])
             yield start, logits.float()
     for net in nets:
         net.train()
@@ -304,21 +335,21 @@ def _logit_batches(
 
 def network_logits(
     nets: Sequence[nn.Module], images: Tensor, *, device: torch.device = CPU,
-    amp: str = "off", batched: bool = True, batch: int = TEST_BATCH,
+    amp: str = "off", batched: bool = True, batch: int = TEST_BATCH, compile: bool = False,
 ) -> Tensor:  # fmt: skip
     """Logits [M, N, classes] of every network on `images` (eval mode, no augmentation)."""
-    batches = _logit_batches(nets, images, device, amp, batched, batch)
+    batches = _logit_batches(nets, images, device, amp, batched, batch, compile)
     return torch.cat([logits.cpu() for _, logits in batches], 1)
 
 
 def networks_accuracy(
     nets: Sequence[nn.Module], images: Tensor, labels: Tensor, *,
     device: torch.device = CPU, amp: str = "off", batched: bool = True,
-    batch: int = TEST_BATCH,
+    batch: int = TEST_BATCH, compile: bool = False,
 ) -> list[float]:  # fmt: skip
     """Accuracy in percent of every network on (images, int labels [N])."""
     correct = torch.zeros(len(nets), dtype=torch.int64)
-    for start, logits in _logit_batches(nets, images, device, amp, batched, batch):
+    for start, logits in _logit_batches(nets, images, device, amp, batched, batch, compile):
         target = labels[start : start + logits.shape[1]].to(logits.device)
         correct += (logits.argmax(-1) == target).sum(1).cpu()
     return (correct.double() * 100 / len(labels)).tolist()
