@@ -61,7 +61,7 @@ def test_some_defaults_read_as_expected(monkeypatch):
     assert "(default: color_crop_cutout_flip_scale_rotate)" in help_of[SCRIPTS[0]]
     assert "--overwrite [BOOL] replace an existing file (default: false)" in help_of[SCRIPTS[1]]
     assert "--batched [BOOL|auto]" in help_of[SCRIPTS[2]]
-    batched = help_of[SCRIPTS[2]].split("--batched [BOOL|auto]")[1].split(" --")[0]
+    batched = help_of[SCRIPTS[2]].split("--batched [BOOL|auto]")[-1].split(" --")[0]
     assert batched.endswith("(default: auto)")
 
 
