@@ -233,21 +233,32 @@ def same_size_random(args: argparse.Namespace, images: Tensor, data) -> tuple[Te
 
 
 def score_rows(args, names, images, labels, lr, data, device) -> dict[str, dict[str, EvalResult]]:
-    """The accuracies of docs/evaluation.md#robust-scores: row -> model -> result. The Random
-    subset's own labels are its real hard labels, so its two label rows are one evaluation."""
+    """The accuracies of docs/evaluation.md#robust-scores: row -> model -> result, each row
+    printed when done (they take long). The Random subset's own labels are its real hard labels,
+    so its two label rows are one evaluation."""
     random_images, random_labels = same_size_random(args, images, data)
-    rows = {"syn": evaluate_set(args, names, images, labels, lr, data, device)}
-    if labels.is_floating_point():  # hard labels: the argmax of the soft ones, plain CE
-        rows["syn_hard"] = evaluate_set(args, names, images, labels.argmax(1), lr, data, device)
-    else:
-        rows["syn_hard"] = rows["syn"]
-    rows["random"] = evaluate_set(args, names, random_images, random_labels, args.random_lr,
-                                  data, device)  # fmt: skip
-    rows["random_hard"] = rows["random"]
     no_aug = {"dsa": True, "dsa_strategy": "none"}
-    rows["syn_naug"] = evaluate_set(args, names, images, labels, lr, data, device, **no_aug)
-    rows["random_naug"] = evaluate_set(args, names, random_images, random_labels,
-                                       args.random_lr, data, device, **no_aug)  # fmt: skip
+    hard = labels.argmax(1) if labels.is_floating_point() else None  # argmax, plain CE
+    plan = {
+        "syn": (images, labels, lr, {}),
+        "syn_hard": None if hard is None else (images, hard, lr, {}),
+        "random": (random_images, random_labels, args.random_lr, {}),
+        "random_hard": None,
+        "syn_naug": (images, labels, lr, no_aug),
+        "random_naug": (random_images, random_labels, args.random_lr, no_aug),
+    }
+    same = {"syn_hard": "syn", "random_hard": "random"}
+    rows = {}
+    for row, setting in plan.items():
+        if setting is None:
+            rows[row] = rows[same[row]]
+            continue
+        row_images, row_labels, row_lr, overrides = setting
+        rows[row] = evaluate_set(args, names, row_images, row_labels, row_lr, data, device,
+                                 **overrides)  # fmt: skip
+        if rank_and_world()[0] == 0:
+            done = ", ".join(f"{r.model} {mean_std(r.mean, r.std)}" for r in rows[row].values())
+            print(f"scores: {row}: {done}", flush=True)
     return rows
 
 
