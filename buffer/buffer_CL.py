@@ -52,6 +52,7 @@ from utils.difficulty import (  # noqa: E402
     validate_curriculum,
 )
 from utils.gsam import GSAM  # noqa: E402
+from utils.guard import check_finite  # noqa: E402
 from utils.io import UserError, run_main, save_yaml  # noqa: E402
 from utils.networks import check_model_names, get_network  # noqa: E402
 from utils.runtime import (  # noqa: E402
@@ -171,6 +172,8 @@ def check_args(args: argparse.Namespace) -> None:
             f"--lr_teacher {args.lr_teacher}, --test_every {args.test_every}, --seed {args.seed}: "
             "expected lr > 0, K >= 0 (0 turns tests off) and seed >= 0"
         )
+    if not 0 <= args.mom < 1 or args.l2 < 0:
+        raise UserError(f"--mom {args.mom}, --l2 {args.l2}: expected momentum in [0, 1), l2 >= 0")
     for name in ("remove_easy", "remove_hard"):
         if not 0 <= getattr(args, name) < 1:
             raise UserError(f"--{name} {getattr(args, name)}: expected a fraction in [0, 1)")
@@ -295,6 +298,7 @@ def train_expert(
     args: argparse.Namespace,
     metrics: MetricsLog,
     extra: dict,
+    advice: str = "lower --lr_teacher",
 ) -> tuple[Expert, list[dict]]:
     """Train expert k (seed args.seed + k); returns its train_epochs + 1 snapshots and the
     per-epoch records (also appended to `metrics` with the fields of `extra`)."""
@@ -318,6 +322,9 @@ def train_expert(
             forward, optimizer, tensors.images_train, tensors.labels_train, indices, args, generator
         )
         trajectory.append(snapshot_params(model))
+        # docs/algorithms.md#divergence-guard: a NaN expert is never kept, not even as a partial
+        check_finite("expert training", f"expert {k}, epoch {epoch}", advice,
+                     train_loss=loss, parameters=trajectory[-1])  # fmt: skip
         test_acc = None
         if args.test_every and (
             (epoch + 1) % args.test_every == 0 or epoch + 1 == args.train_epochs
@@ -351,6 +358,15 @@ def sidecar_meta(
         "device": str(device), "torch": torch.__version__,
         "index_file": str(index_path.resolve()) if index_path else None,
     }  # fmt: skip
+
+
+def divergence_advice(args: argparse.Namespace, folder: Path) -> str:
+    """The fix for a diverged expert, one this script then accepts: the folder's files and
+    partial experts of the diverged rate stay, so a lower rate needs a folder of its own."""
+    advice = f"lower --lr_teacher (now {args.lr_teacher:g}), e.g. --lr_teacher 0.01"
+    if any(folder.glob("*.pt")) or any(folder.glob(".*.partial_*.pt")):
+        advice += f", with another --buffer_path ({folder} holds experts of this rate)"
+    return advice
 
 
 def check_compiler(device: torch.device) -> None:
@@ -409,7 +425,8 @@ def main(args: argparse.Namespace) -> None:
     for job, k in tqdm(todo, desc="experts", disable=None):
         start = time.perf_counter()
         extra = {"file": job.number, "rank": rank}
-        trajectory, records = train_expert(k, data, tensors, order, args, metrics, extra)
+        advice = divergence_advice(args, folder)
+        trajectory, records = train_expert(k, data, tensors, order, args, metrics, extra, advice)
         written = finish_expert(folder, job, k, trajectory, meta)
         if written is not None:
             tqdm.write(f"wrote {written} ({len(job.experts)} experts)")

@@ -47,6 +47,7 @@ from tqdm import tqdm  # noqa: E402
 from utils.config import HelpFormatter, add_bool_flag  # noqa: E402
 from utils.data import Data, get_dataset  # noqa: E402
 from utils.difficulty import METHODS, SCORE_FUNCTIONS, rank_by_class  # noqa: E402
+from utils.guard import check_finite  # noqa: E402
 from utils.io import UserError, load_pt, run_main, save_json, save_pt  # noqa: E402
 from utils.networks import check_model_names, get_network  # noqa: E402
 from utils.runtime import AMP_MODES, repo_root, resolve_device, seed_everything  # noqa: E402
@@ -176,6 +177,13 @@ def check_args(args: argparse.Namespace) -> str:
     return methods[args.method.lower()]
 
 
+STAGE = "difficulty scoring"
+
+
+def advice(args: argparse.Namespace) -> str:
+    return f"nothing was written; rerun with a lower --lr (now {args.lr:g}), e.g. --lr 0.01"
+
+
 def default_name(args: argparse.Namespace) -> str:
     if args.dataset == "ImageNet":
         return f"ImageNet_{args.subset}_{args.method}"
@@ -234,11 +242,7 @@ def scored_repeat(
     loss, acc = train(model, images, labels, args, desc=f"repeat {k}")
     trained = time.perf_counter()
     scores = SCORE_FUNCTIONS[args.method](model, images, labels, args.batch)
-    if not torch.isfinite(scores).all():
-        raise UserError(
-            f"repeat {k}: non-finite {args.method} scores, training diverged (final loss {loss}); "
-            "lower --lr"
-        )
+    check_finite(STAGE, f"repeat {k}", advice(args), **{f"{args.method}_scores": scores})
     run = {
         "repeat": k,
         "seed": seed,
@@ -271,7 +275,7 @@ def train(
     model.train()
     loss, acc = None, None
     epochs = tqdm(range(args.epochs), desc=desc, leave=False, disable=None)
-    for _ in epochs:
+    for epoch in epochs:
         permutation = torch.randperm(len(images)).to(images.device)
         loss_sum = torch.zeros((), device=images.device)
         correct = torch.zeros((), dtype=torch.int64, device=images.device)
@@ -287,6 +291,9 @@ def train(
             loss_sum += batch_loss.detach().float() * len(y)
             correct += (logits.argmax(dim=1) == y).sum()
         loss, acc = loss_sum.item() / len(images), correct.item() / len(images)
+        # docs/algorithms.md#divergence-guard: stop at the epoch it happens, not after all of them
+        where = f"{desc}, epoch {epoch}"
+        check_finite(STAGE, where, advice(args), train_loss=loss, parameters=model.parameters())
         epochs.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}")
     return loss, acc
 

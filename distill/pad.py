@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils.config import DEFAULTS, parse_config_args, save_config  # noqa: E402
 from utils.data import Data, get_dataset  # noqa: E402
 from utils.evaluate import eval_pool, evaluate_synset  # noqa: E402
+from utils.guard import SkipCounter, check_bound, check_finite, trailing_skips  # noqa: E402
 from utils.io import UserError, atomic_write, load_pt, run_main, save_pt  # noqa: E402
 from utils.matching import (  # noqa: E402
     MEMORY_MODES,
@@ -107,7 +108,7 @@ def main(mask_name: str, argv: list[str] | None = None) -> dict:
     schedule.validate(cfg.Iteration)
     run_dir = run_folder(cfg, mask.name)
     checkpoint = read_checkpoint(run_dir, cfg, mask.name) if cfg.resume else None
-    if checkpoint is None:
+    if not cfg.resume:
         refuse_existing_run(run_dir)
     folder = expert_dir(cfg.buffer_path, cfg.dataset, cfg.model, cfg.zca, cfg.subset, cfg.res)
     files = list_expert_files(folder)
@@ -226,6 +227,7 @@ class Run:
     tracker: Tracker
     progress: Progress
     eval_models: list[str]
+    skips: SkipCounter
 
 
 @dataclass
@@ -261,6 +263,18 @@ def check_settings(cfg: SimpleNamespace) -> None:
     for key, minimum in minimums.items():
         if getattr(cfg, key) < minimum:
             raise UserError(f"{key}={getattr(cfg, key)}: expected at least {minimum}")
+    ranges = [
+        (cfg.lr_teacher > 0, f"lr_teacher={cfg.lr_teacher}: expected a learning rate > 0"),
+        *[
+            (getattr(cfg, key) >= 0, f"{key}={getattr(cfg, key)}: expected a learning rate >= 0")
+            for key in ("lr_img", "lr_lr", "lr_y")
+        ],
+        (0 <= cfg.Momentum_y < 1, f"Momentum_y={cfg.Momentum_y}: expected a momentum in [0, 1)"),
+        (cfg.threshold >= 0, f"threshold={cfg.threshold}: expected a matching loss >= 0"),
+    ]
+    for ok, message in ranges:
+        if not ok:  # NaN fails every comparison, so it is refused too
+            raise UserError(message)
     if cfg.texture:
         raise UserError("texture=True: texture distillation is not part of PAD; set it to False")
 
@@ -281,8 +295,8 @@ def refuse_existing_run(run_dir: Path) -> None:
         )
     if (run_dir / "metrics.jsonl").exists():
         raise UserError(
-            f"{run_dir} holds a run that stopped before its first checkpoint: delete that "
-            "folder, or give this run another --name"
+            f"{run_dir} holds a run that stopped before its first checkpoint: start it again "
+            "from iteration 0 with --resume true, or give this run another --name"
         )
 
 
@@ -358,7 +372,7 @@ def open_run(
     """The run folder with this run's config, its metrics log and the evaluation models."""
     (run_dir / "Normal").mkdir(parents=True, exist_ok=True)
     save_config({key: getattr(cfg, key) for key in DEFAULTS}, run_dir / "config.yaml")
-    if checkpoint is not None:
+    if cfg.resume and (run_dir / "metrics.jsonl").exists():  # next_iteration 0: forget all
         drop_metrics_from(run_dir / "metrics.jsonl", progress.next_iteration)
     tracker = Tracker(
         run_dir, wandb_mode=cfg.wandb, project=cfg.project, name=run_dir.name, config=vars(cfg)
@@ -366,7 +380,8 @@ def open_run(
     eval_models = eval_pool(cfg.eval_mode, cfg.model, data.im_size)
     resumed = f" (resumed at iteration {progress.next_iteration})" if checkpoint else ""
     print(f"outputs: {run_dir}{resumed}")
-    return Run(cfg, data, device, run_dir, tracker, progress, eval_models)
+    skips = skip_counter(cfg, progress)
+    return Run(cfg, data, device, run_dir, tracker, progress, eval_models, skips)
 
 
 # ---- the synthetic set (docs/algorithms.md#the-synthetic-set) ------------------------------------
@@ -464,6 +479,7 @@ def distill_step(
     start_epoch = matcher.schedule.sample(it, generators["start_epoch"])  # step 2
     w_start = flatten_params(trajectory[start_epoch]).to(run.device)  # step 3
     target = flatten_params(trajectory[start_epoch + cfg.expert_epochs]).to(run.device)
+    check_expert_segment(matcher.sampler, start_epoch, w_start, target)
     plan = matcher.inner_steps.plan(len(syn.image_syn), run.data.im_size, generators["inner_steps"])
     for optimizer in optimizers.values():
         optimizer.zero_grad(set_to_none=True)
@@ -472,12 +488,12 @@ def distill_step(
         matcher.student, syn.image_syn, syn.label_syn, syn.syn_lr, w_start, target, plan,
         mask=matcher.mask, memory=cfg.memory, threshold=cfg.threshold,
     )  # fmt: skip
-    if not math.isfinite(result.loss):
-        raise diverged(run, it, f"the matching loss is {result.loss}")
+    guard_loss(run, it, result.loss)
     if not result.skipped:  # step 6: update only when loss <= threshold
         for optimizer in optimizers.values():
             optimizer.step()
-        check_finite(run, it, syn)
+        guard_synset(run, it, syn)
+    run.skips.update(result.skipped, f"iteration {it}")
     return result, start_epoch
 
 
@@ -585,27 +601,70 @@ def drop_metrics_from(path: Path, next_iteration: int) -> None:
         tmp.write_text("".join(json.dumps(record) + "\n" for record in kept))
 
 
-# ---- divergence guard --------------------------------------------------------------------------
+# ---- divergence guard (docs/algorithms.md#divergence-guard) ------------------------------------
+
+STAGE = "distillation"
+BOUND = 1e4  # |x| beyond this after normalisation is a blow-up, not an image or a logit
+SETTING_OF = {"synthetic images": "lr_img", "soft labels": "lr_y", "learned syn_lr": "lr_lr"}
 
 
-def diverged(run: Run, it: int, what: str) -> UserError:
+def fix(run: Run, *keys: str) -> str:
+    """Advice the program accepts: lower the named rates and rerun with --resume true, which
+    continues from the last checkpoint (whose rates the command line replaces) or, without one,
+    starts again from iteration 0."""
+    lower = " or ".join(f"--{key} (now {getattr(run.cfg, key):g})" for key in keys)
     checkpoint = run.dir / "checkpoint.pt"
-    last = f"the last good checkpoint is {checkpoint}" if checkpoint.exists() else "no checkpoint"
-    return UserError(
-        f"distillation diverged at iteration {it}: {what}; nothing of this iteration was saved "
-        f"({last}); lower lr_img (now {run.cfg.lr_img:g}) and start again, or continue with "
-        "--resume true and a lower --lr_img"
-    )
+    start = f"from {checkpoint}" if checkpoint.exists() else "from iteration 0: no checkpoint yet"
+    return f"nothing of it was saved; rerun with --resume true ({start}) and a lower {lower}"
 
 
-def check_finite(run: Run, it: int, syn: SynSet) -> None:
+def guard_loss(run: Run, it: int, loss: float) -> None:
+    """A non-finite matching loss before any update comes from the students' learning rate
+    (lr_teacher); after updates, from one of the three rates."""
+    if math.isfinite(loss):
+        return
+    advice = fix(run, "lr_img", "lr_y", "lr_lr")
+    if run.progress.skipped == run.progress.next_iteration:  # no update yet: the initial set
+        advice = fix(run, "lr_teacher")
+        if (run.dir / "checkpoint.pt").exists():  # its syn_lr is saved: lr_teacher acts no more
+            advice = (
+                f"nothing was saved; start again with another --name and a lower --lr_teacher "
+                f"(now {run.cfg.lr_teacher:g})"
+            )
+    check_finite(STAGE, f"iteration {it}", advice, matching_loss=loss)
+
+
+def guard_synset(run: Run, it: int, syn: SynSet) -> None:
+    """After an update: finite and within BOUND, else stop naming the rate of that tensor."""
     for name, tensor in (
-        ("images", syn.image_syn),
-        ("labels", syn.label_syn),
-        ("learning rate", syn.syn_lr),
+        ("synthetic images", syn.image_syn),
+        ("soft labels", syn.label_syn),
+        ("learned syn_lr", syn.syn_lr),
     ):
-        if not torch.isfinite(tensor).all():
-            raise diverged(run, it, f"the synthetic {name} are not finite after the update")
+        advice = fix(run, SETTING_OF[name])
+        check_finite(STAGE, f"iteration {it}", advice, **{name.replace(" ", "_"): tensor})
+        if name != "learned syn_lr":
+            check_bound(STAGE, f"iteration {it}", advice, BOUND, **{name.replace(" ", "_"): tensor})
+
+
+def check_expert_segment(sampler: ExpertSampler, start: int, w_start: Tensor, target: Tensor):
+    """A NaN in the experts is the expert file's fault, not the run's: name the file."""
+    if not (torch.isfinite(w_start).all() and torch.isfinite(target).all()):
+        where = sampler.current_file or "the expert files (load_all)"
+        raise UserError(
+            f"expert file {where} holds non-finite parameters (snapshots {start} and later): "
+            "train those experts again (buffer/buffer_CL.py with a lower --lr_teacher)"
+        )
+
+
+def skip_counter(cfg: SimpleNamespace, progress: Progress) -> SkipCounter:
+    advice = (
+        f"every update was refused by threshold={cfg.threshold:g}: raise threshold, or lower "
+        f"--lr_img (now {cfg.lr_img:g}) and rerun with --resume true (max_skipped="
+        f"{cfg.max_skipped} sets the limit)"
+    )
+    consecutive = trailing_skips(progress.history["skipped"])
+    return SkipCounter(STAGE, cfg.max_skipped, advice, consecutive)
 
 
 # ---- checkpoints and signals -------------------------------------------------------------------
@@ -647,13 +706,13 @@ def identity(cfg: SimpleNamespace, mask: str) -> dict:
     return {"mask": mask, **{key: getattr(cfg, key) for key in IDENTITY_KEYS}}
 
 
-def read_checkpoint(run_dir: Path, cfg: SimpleNamespace, mask: str) -> dict:
+def read_checkpoint(run_dir: Path, cfg: SimpleNamespace, mask: str) -> dict | None:
+    """The checkpoint to continue from; None (start from iteration 0, saying so) when the run
+    stopped before its first one or never started."""
     path = run_dir / "checkpoint.pt"
     if not path.exists():
-        raise UserError(
-            f"--resume true but there is no checkpoint at {path}: start without --resume, or "
-            "give the --name / --out_dir of the run to continue"
-        )
+        print(f"--resume true: no checkpoint at {path} yet; starting from iteration 0")
+        return None
     checkpoint = load_pt(path, what="checkpoint")
     if not isinstance(checkpoint, dict) or checkpoint.get("version") != CHECKPOINT_VERSION:
         raise UserError(f"{path} is not a checkpoint of this version of distill/pad.py")
