@@ -53,8 +53,9 @@ from utils.difficulty import (  # noqa: E402
 )
 from utils.gsam import GSAM  # noqa: E402
 from utils.guard import check_finite  # noqa: E402
-from utils.io import UserError, run_main, save_yaml  # noqa: E402
+from utils.io import UserError, load_json, prepare_output_dir, run_main, save_yaml  # noqa: E402
 from utils.networks import check_model_names, get_network  # noqa: E402
+from utils.provenance import check_provenance  # noqa: E402
 from utils.runtime import (  # noqa: E402
     AMP_MODES,
     derived_seeds,
@@ -204,6 +205,19 @@ def index_file_path(args: argparse.Namespace) -> Path:
             "--zca and --max_per_class) or point --indices_path at the folder that holds it"
         )
     return path
+
+
+def check_index_provenance(args: argparse.Namespace, path: Path) -> None:
+    """The index file must rank the images this run trains on: same data set and max_per_class;
+    scores computed with other ZCA settings rank the same images, so that only warns
+    (docs/formats.md#provenance-checks)."""
+    sidecar = path.with_suffix(".json")
+    recorded = load_json(sidecar, what="index file sidecar") if sidecar.exists() else None
+    wanted = {"dataset": args.dataset, "zca": args.zca, "max_per_class": args.max_per_class}
+    if args.dataset == "ImageNet":
+        wanted["subset"] = args.subset
+    fix = "make an index file with these settings (buffer/rank_difficulty.py), or use theirs"
+    check_provenance(path, "difficulty index file", sidecar, recorded, wanted, fix, ("zca",))
 
 
 def run_settings(args: argparse.Namespace, data: Data, order: Tensor | None) -> dict:
@@ -387,6 +401,8 @@ def main(args: argparse.Namespace) -> None:
     if args.compile:
         check_compiler(device)
     index_path = index_file_path(args) if args.sort_method else None
+    folder = expert_dir(args.buffer_path, args.dataset, args.model, args.zca, args.subset, args.res)
+    prepare_output_dir(folder, "--buffer_path")
 
     # ---- set-up: data, curriculum order, and the experts already on disk ---------------------
     data = get_dataset(
@@ -395,6 +411,7 @@ def main(args: argparse.Namespace) -> None:
     )  # fmt: skip
     order = None
     if index_path:
+        check_index_provenance(args, index_path)
         order = load_index_file(
             index_path, data.labels_train, dataset=args.dataset, subset=args.subset
         )
@@ -402,8 +419,6 @@ def main(args: argparse.Namespace) -> None:
         list(p.shape)
         for p in get_network(args.model, data.channel, data.num_classes, data.im_size).parameters()
     ]
-    folder = expert_dir(args.buffer_path, args.dataset, args.model, args.zca, args.subset, args.res)
-    folder.mkdir(parents=True, exist_ok=True)
     settings = run_settings(args, data, order)
     jobs = plan_files(folder, args.num_experts, settings, shapes, rank, world)
     if rank == 0:

@@ -48,7 +48,14 @@ from utils.config import HelpFormatter, add_bool_flag  # noqa: E402
 from utils.data import Data, get_dataset  # noqa: E402
 from utils.difficulty import METHODS, SCORE_FUNCTIONS, rank_by_class  # noqa: E402
 from utils.guard import check_finite  # noqa: E402
-from utils.io import UserError, load_pt, run_main, save_json, save_pt  # noqa: E402
+from utils.io import (  # noqa: E402
+    UserError,
+    load_pt,
+    prepare_output_file,
+    run_main,
+    save_json,
+    save_pt,
+)
 from utils.networks import check_model_names, get_network  # noqa: E402
 from utils.runtime import AMP_MODES, repo_root, resolve_device, seed_everything  # noqa: E402
 
@@ -102,6 +109,7 @@ def main(args: argparse.Namespace) -> Path:
     target = Path(args.out).expanduser() / f"{name}.pt"
     if target.exists() and not args.overwrite:
         raise UserError(f"{target} exists: pass --overwrite to replace it, or --name to add one")
+    prepare_output_file(target, "--out")
     data = get_dataset(
         args.dataset, args.data_path, subset=args.subset, zca=args.zca,
         max_per_class=args.max_per_class,
@@ -110,11 +118,11 @@ def main(args: argparse.Namespace) -> Path:
 
     config = scoring_config(args, data)
     partial = target.parent / f".{name}.partial"
-    key = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
     start = time.perf_counter()
     per_repeat, runs = [], []
     for k in tqdm(range(args.repeat), desc="repeats", disable=None):
-        scores, run = scored_repeat(args, data, k, device, partial / f"repeat_{k}-{key}.pt", config)
+        saved = partial_file(partial, k, config)
+        scores, run = scored_repeat(args, data, k, device, saved, config)
         per_repeat.append(scores)
         runs.append(run)
     per_repeat = torch.stack(per_repeat)  # [repeat, N]
@@ -226,12 +234,33 @@ def scoring_config(args: argparse.Namespace, data: Data) -> dict:
     }
 
 
+def partial_file(partial: Path, k: int, config: dict) -> Path:
+    """Where repeat k's scores wait; the name carries a digest of the configuration, so a rerun
+    with other settings never reuses them."""
+    key = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+    return partial / f"repeat_{k}-{key}.pt"
+
+
+def read_partial(saved: Path, k: int, n: int) -> dict:
+    """A finished repeat: {"scores": float [n], "run": dict}; anything else names the file."""
+    content = load_pt(saved, what=f"partial scores of repeat {k}")
+    scores = content.get("scores") if isinstance(content, dict) else None
+    if not (isinstance(scores, torch.Tensor) and scores.shape == (n,)) or not isinstance(
+        content.get("run"), dict
+    ):
+        raise UserError(
+            f"{saved} is not a partial score file of this script (expected {{'scores': [{n}], "
+            "'run': ...}}): delete it, and the repeat is computed again"
+        )
+    return content
+
+
 def scored_repeat(
     args: argparse.Namespace, data: Data, k: int, device: torch.device, saved: Path, config: dict
 ) -> tuple[torch.Tensor, dict]:
     """Scores [N] of repeat k: reused from its partial file, or trained, scored and saved."""
     if saved.exists():
-        content = load_pt(saved, what=f"partial scores of repeat {k} (delete it to redo)")
+        content = read_partial(saved, k, len(data.labels_train))
         tqdm.write(f"repeat {k}: reused the scores in {saved}")
         return content["scores"], {**content["run"], "reused": True}
     seed = args.seed + 5 * k  # DeepCore: run k uses seed + 5k

@@ -37,8 +37,16 @@ from utils.augment import DSA_STRATEGY  # noqa: E402
 from utils.config import HelpFormatter, add_bool_flag, str2bool  # noqa: E402
 from utils.data import get_dataset  # noqa: E402
 from utils.evaluate import EVAL_MODES, eval_pool, evaluate_models, random_real_set  # noqa: E402
-from utils.io import UserError, load_pt, run_main, save_json  # noqa: E402
+from utils.io import (  # noqa: E402
+    UserError,
+    load_pt,
+    load_yaml,
+    prepare_output_file,
+    run_main,
+    save_json,
+)
 from utils.networks import check_model_names  # noqa: E402
+from utils.provenance import check_provenance  # noqa: E402
 from utils.runtime import AMP_MODES, rank_and_world, rank_device  # noqa: E402
 
 RANDOM_LR = 0.01  # --lr_net default for the Random baseline
@@ -116,6 +124,20 @@ def load_tensor(path: str, what: str) -> Tensor:
     return value.detach()  # the authors save labels with requires_grad
 
 
+def check_set_provenance(args: argparse.Namespace) -> None:
+    """A set distilled here lies in `<run>/Normal/`, beside the run's config.yaml: it must be
+    evaluated on the data set and ZCA it was distilled with (docs/formats.md#provenance-checks)."""
+    images = Path(args.data_dir)
+    config = images.absolute().parent.parent / "config.yaml"
+    recorded = load_yaml(config, what="run config") if config.is_file() else None
+    wanted = {"dataset": args.dataset, "zca": args.zca}
+    if args.dataset == "ImageNet":
+        wanted["subset"] = args.subset
+    fix = "evaluate with the run's --dataset and --zca"
+    recorded = recorded if isinstance(recorded, dict) else None
+    check_provenance(images, "distilled set", config, recorded, wanted, fix)
+
+
 def load_lr(args: argparse.Namespace) -> float | Tensor:
     if args.lr_dir is None:
         return RANDOM_LR if args.lr_net is None else args.lr_net
@@ -153,10 +175,15 @@ def main(args: argparse.Namespace) -> dict:
     model_names(args, (32, 32))  # an unknown model or eval_mode fails before the data set loads
     rank, world = rank_and_world()
     device = rank_device(args.device, world)
+    out = output_path(args)
+    if rank == 0:  # before the (long) training, not after it
+        prepare_output_file(out, "--out")
     if args.random_ipc is None:  # read the small files before the (slow) data set
         images = load_tensor(args.data_dir, "images file (--data_dir)")
         labels = load_tensor(args.label_dir, "labels file (--label_dir)")
     lr = load_lr(args)
+    if args.random_ipc is None:
+        check_set_provenance(args)
     data = get_dataset(args.dataset, args.data_path, subset=args.subset, zca=args.zca,
                        max_per_class=args.max_per_class)  # fmt: skip
     if args.random_ipc is not None:
@@ -204,7 +231,6 @@ def main(args: argparse.Namespace) -> dict:
         for r in results:
             print(f"{r.model}: {r.mean:.2f} +- {r.std:.2f} over {len(r.accs)} networks "
                   f"({r.mode}, {r.seconds:.0f} s)")  # fmt: skip
-        out = output_path(args)
         save_json(record, out)
         print(f"wrote {out}")
     return record

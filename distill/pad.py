@@ -50,7 +50,14 @@ from utils.config import DEFAULTS, parse_config_args, save_config  # noqa: E402
 from utils.data import Data, get_dataset  # noqa: E402
 from utils.evaluate import eval_pool, evaluate_synset  # noqa: E402
 from utils.guard import SkipCounter, check_bound, check_finite, trailing_skips  # noqa: E402
-from utils.io import UserError, atomic_write, load_pt, run_main, save_pt  # noqa: E402
+from utils.io import (  # noqa: E402
+    UserError,
+    atomic_write,
+    load_pt,
+    prepare_output_dir,
+    run_main,
+    save_pt,
+)
 from utils.matching import (  # noqa: E402
     MEMORY_MODES,
     InnerSteps,
@@ -61,6 +68,7 @@ from utils.matching import (  # noqa: E402
     match_trajectory,
 )
 from utils.networks import get_network  # noqa: E402
+from utils.provenance import check_provenance  # noqa: E402
 from utils.runtime import get_rng_state, resolve_device, seed_everything, set_rng_state  # noqa: E402
 from utils.synset import (  # noqa: E402
     PIX_INITS,
@@ -84,6 +92,8 @@ from utils.trajectory import (  # noqa: E402
     flatten_params,
     list_expert_files,
     load_expert_file,
+    load_sidecar,
+    sidecar_path,
 )
 
 RATIO_KEYS = {"depth": "depth_ratio", "loss": "loss_ratio"}
@@ -114,6 +124,7 @@ def main(mask_name: str, argv: list[str] | None = None) -> dict:
     files = list_expert_files(folder)
     if not files:
         raise UserError(no_experts_message(cfg, folder))
+    prepare_output_dir(run_dir, "--out_dir")
     device = resolve_device(cfg.device)
 
     # ---- set-up ------------------------------------------------------------------------------
@@ -271,6 +282,10 @@ def check_settings(cfg: SimpleNamespace) -> None:
         ],
         (0 <= cfg.Momentum_y < 1, f"Momentum_y={cfg.Momentum_y}: expected a momentum in [0, 1)"),
         (cfg.threshold >= 0, f"threshold={cfg.threshold}: expected a matching loss >= 0"),
+        (
+            cfg.max_skipped is None or cfg.max_skipped >= 1,
+            f"max_skipped={cfg.max_skipped}: expected at least 1 (or null for no limit)",
+        ),
     ]
     for ok, message in ranges:
         if not ok:  # NaN fails every comparison, so it is refused too
@@ -355,10 +370,26 @@ def open_experts(
         mmap=True,
     )
     for path in sampler.files:  # memory-mapped: only the lists of snapshots are read
+        check_expert_provenance(cfg, path)
         experts = load_expert_file(path, mmap=True)[: cfg.max_experts]
         shortest = min(len(expert) for expert in experts)
         check_trajectory_length(cfg.max_start_epoch, cfg.expert_epochs, shortest, path)
     return student, sampler
+
+
+def check_expert_provenance(cfg: SimpleNamespace, path: Path) -> None:
+    """Experts made for another data set, ZCA or max_per_class are refused
+    (docs/formats.md#provenance-checks); the authors' files (no sidecar) only warn."""
+    meta = load_sidecar(path)
+    recorded = meta.get("settings") if isinstance(meta, dict) else None
+    wanted = {key: getattr(cfg, key) for key in ("dataset", "model", "zca", "max_per_class")}
+    if cfg.dataset == "ImageNet":
+        wanted.update(subset=cfg.subset, res=cfg.res)
+    fix = (
+        "use experts trained with this run's settings (buffer/buffer_CL.py with the same "
+        f"--{' --'.join(wanted)}), or distill with theirs"
+    )
+    check_provenance(path, "expert file", sidecar_path(path), recorded, wanted, fix)
 
 
 def open_run(

@@ -2,7 +2,11 @@
 each on tiny generated data: divergence, experts of other settings, unwritable outputs, load
 errors, resuming before the first checkpoint, two runs on the same outputs, smaller checks."""
 
+import json
 import os
+import re
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +21,7 @@ from utils.trajectory import expert_dir, list_expert_files, save_expert_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "buffer"))
+sys.path.insert(0, str(ROOT / "distill"))
 
 import buffer_CL  # noqa: E402
 
@@ -167,3 +172,227 @@ def test_diverging_difficulty_scores_stop_at_the_epoch(world, tmp_path):
                        r"--lr \(now 1e\+12\)"):  # fmt: skip
         rank_difficulty.main(args)
     assert not list(tmp_path.glob("tiny*"))
+
+
+# ---- 2. provenance -----------------------------------------------------------------------------
+
+EXPERT_SETTINGS = {"format": "pad-replay-buffer/1", "settings": {
+    "dataset": "ImageFolder", "subset": "imagenette", "res": 32, "model": MODEL, "zca": False,
+    "max_per_class": None,
+}}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"zca": True}, r"made with zca=False \(its sidecar replay_buffer_0.json\), this run has "
+         r"zca=True"),
+        ({"max_per_class": 6}, r"made with max_per_class=None .* this run has max_per_class=6"),
+    ],
+)  # fmt: skip
+def test_experts_of_other_settings_are_refused(world, tmp_path, overrides, message):
+    write_experts(tmp_path / "buffer", meta=EXPERT_SETTINGS)
+    write_experts(tmp_path / "buffer", meta=EXPERT_SETTINGS, zca=True)  # same folder here
+    with pytest.raises(UserError, match=message):
+        pad.main("depth", pad_argv(world, tmp_path, **overrides))
+
+
+def test_experts_without_sidecar_are_accepted_with_a_warning(world, tmp_path):
+    folder = write_experts(tmp_path / "buffer")
+    (folder / "replay_buffer_0.json").unlink()  # like the authors' files
+    with pytest.warns(UserWarning, match="has no sidecar replay_buffer_0.json.*accepted unchecked"):
+        pad.main("depth", pad_argv(world, tmp_path, Iteration=0))
+
+
+def test_index_file_of_other_settings_is_refused(world, tmp_path):
+    indices = tmp_path / "indices"
+    rank_difficulty.main(rank_difficulty.parse_args(rank_argv(world, indices, "--epochs", "0")))
+    argv = buffer_argv(world, tmp_path / "buffer", "--sort_method", str(indices / "tiny.pt"))
+    with pytest.raises(UserError, match=r"tiny.pt was made with max_per_class=None \(its sidecar "
+                       r"tiny.json\), this run has max_per_class=6"):  # fmt: skip
+        buffer_CL.main(buffer_CL.parse_args(argv + ["--max_per_class", "6"]))
+    # scores of ZCA-free inputs still rank the same images: a warning, not a refusal
+    with pytest.warns(UserWarning, match="made with zca=False"):
+        buffer_CL.main(buffer_CL.parse_args(argv + ["--zca", "true", "--num_experts", "1"]))
+
+
+def test_evaluation_of_a_set_from_other_settings_is_refused(world, tmp_path):
+    import evaluation
+
+    write_experts(tmp_path / "buffer", meta=EXPERT_SETTINGS)
+    run_dir = pad.main("depth", pad_argv(world, tmp_path, Iteration=0))["run_dir"]
+    normal = run_dir / "Normal"
+    argv = [
+        "--dataset", "ImageFolder", "--data_path", str(world / "data"), "--model", MODEL,
+        "--data_dir", str(normal / "images_0.pt"), "--label_dir", str(normal / "labels_0.pt"),
+        "--lr_dir", str(normal / "lr_0.pt"), "--num_eval", "1", "--epoch_eval_train", "1",
+        "--device", "cpu", "--zca", "true",
+    ]  # fmt: skip
+    with pytest.raises(UserError, match=r"made with zca=False \(its sidecar config.yaml\)"):
+        evaluation.main(evaluation.parse_args(argv))
+
+
+# ---- 3. unwritable outputs, ranges -------------------------------------------------------------
+
+
+def test_output_paths_that_are_files_are_refused_before_any_compute(world, tmp_path, monkeypatch):
+    import evaluation
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    write_experts(tmp_path / "buffer", meta=EXPERT_SETTINGS)
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data set was loaded before the output path was checked")
+
+    for module in (pad, buffer_CL, rank_difficulty, evaluation):
+        monkeypatch.setattr(module, "get_dataset", no_data)
+    with pytest.raises(UserError, match=r"--out_dir .*a_file.*a_file is a file"):
+        pad.main("depth", pad_argv(world, tmp_path, out_dir=blocker))
+    with pytest.raises(UserError, match=r"--buffer_path .*a_file is a file"):
+        buffer_CL.main(buffer_CL.parse_args(buffer_argv(world, blocker)))
+    with pytest.raises(UserError, match=r"--out .*a_file is a file"):
+        rank_difficulty.main(rank_difficulty.parse_args(rank_argv(world, blocker / "sub")))
+    images = tmp_path / "images.pt"
+    torch.save(torch.zeros(6, 3, SIZE, SIZE), images)
+    torch.save(torch.arange(6) % 3, tmp_path / "labels.pt")
+    argv = [
+        "--dataset", "ImageFolder", "--data_path", str(world / "data"), "--model", MODEL,
+        "--data_dir", str(images), "--label_dir", str(tmp_path / "labels.pt"), "--lr_net", "0.01",
+        "--num_eval", "1", "--epoch_eval_train", "1", "--device", "cpu",
+    ]  # fmt: skip
+    with pytest.raises(UserError, match=r"--out .*a_file is a file"):
+        evaluation.main(evaluation.parse_args([*argv, "--out", str(blocker / "eval.json")]))
+
+
+def test_an_oserror_at_write_time_is_one_line_naming_the_path(tmp_path, monkeypatch):
+    from utils import io
+
+    def disk_full(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(io.os, "replace", disk_full)
+    with pytest.raises(UserError, match=r"cannot write .*x.pt: No space left on device"):
+        io.save_pt(torch.zeros(2), tmp_path / "x.pt")
+    assert not list(tmp_path.iterdir())  # and no temporary file stays
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"lr_img": -1}, r"lr_img=-1.0: expected a learning rate >= 0"),
+        ({"lr_lr": -1e-5}, r"lr_lr=-1e-05: expected a learning rate >= 0"),
+        ({"lr_y": -2}, r"lr_y=-2.0: expected"),
+        ({"Momentum_y": 5}, r"Momentum_y=5.0: expected a momentum in \[0, 1\)"),
+        ({"threshold": -1}, r"threshold=-1.0: expected a matching loss >= 0"),
+        ({"max_skipped": 0}, r"max_skipped=0: expected at least 1"),
+    ],
+)
+def test_rates_and_momenta_are_range_checked(world, tmp_path, overrides, message):
+    with pytest.raises(UserError, match=message):
+        pad.main("depth", pad_argv(world, tmp_path, **overrides))
+
+
+def test_partial_files_of_foreign_content_name_the_file(world, tmp_path):
+    out = tmp_path / "indices"
+    args = rank_difficulty.parse_args(rank_argv(world, out, "--epochs", "0"))
+    data = rank_difficulty.get_dataset("ImageFolder", str(world / "data"))
+    config = rank_difficulty.scoring_config(args, data)
+    saved = rank_difficulty.partial_file(out / ".tiny.partial", 0, config)
+    saved.parent.mkdir(parents=True)
+    torch.save(torch.zeros(3), saved)
+    with pytest.raises(UserError, match=r"repeat_0-.*\.pt is not a partial score file.*delete it"):
+        rank_difficulty.main(args)
+    folder = expert_dir(tmp_path / "buffer", "ImageFolder", MODEL, False)
+    folder.mkdir(parents=True)
+    torch.save(torch.zeros(3), folder / ".replay_buffer_0.partial_0.pt")
+    with pytest.raises(UserError, match=r"partial_0.pt is not a partial expert.*delete it"):
+        buffer_CL.main(buffer_CL.parse_args(buffer_argv(world, tmp_path / "buffer")))
+
+
+# ---- 4. load errors ----------------------------------------------------------------------------
+
+
+class Malicious:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_load_errors_name_the_file_and_the_real_cause(tmp_path):
+    import pickle
+
+    from utils.io import load_pt
+
+    torch.save({"a": torch.zeros(100)}, tmp_path / "good.pt")
+    whole = (tmp_path / "good.pt").read_bytes()
+    marker = tmp_path / "ran"
+    files = {
+        "empty.pt": (b"", r"is empty \(0 bytes\)"),
+        "truncated.pt": (whole[: len(whole) // 2], r"is truncated or damaged"),
+        "random.pt": (
+            bytes(range(7, 255)),
+            r"is not a file written by torch.save \(it starts with",
+        ),
+        "text.pt": (b"hello world", r"is not a file written by torch.save"),
+        "pickle.pt": (pickle.dumps(Malicious(marker)), r"holds objects other than tensors"),
+    }
+    for name, (content, _) in files.items():
+        (tmp_path / name).write_bytes(content)
+    torch.save(Malicious(marker), tmp_path / "malicious.pt")
+    files["malicious.pt"] = (None, r"holds objects other than tensors \(posix.system\)")
+    for name, (_, cause) in files.items():
+        with pytest.raises(UserError) as info:
+            load_pt(tmp_path / name, what="expert file")
+        message = str(info.value)
+        assert message.startswith(f"cannot read expert file {tmp_path / name}: "), message
+        assert re.search(cause, message), message
+        assert "weights_only" not in message and "\n" not in message, message
+    assert not marker.exists()  # nothing in a file ever runs
+
+
+# ---- 5. an interruption before the first checkpoint ------------------------------------------
+
+
+def run_tensors(run_dir):
+    normal = run_dir / "Normal"
+    files = {p.name: load_pt(p) for p in sorted(normal.glob("*.pt"))}
+    checkpoint = load_pt(run_dir / "checkpoint.pt")
+    return files, [checkpoint[k] for k in ("image_syn", "label_syn", "syn_lr")]
+
+
+def test_kill_before_the_first_checkpoint_then_resume_equals_an_uninterrupted_run(world, tmp_path):
+    write_experts(tmp_path / "buffer", meta=EXPERT_SETTINGS)
+    settings = {"Iteration": 20, "eval_it": 10, "checkpoint_it": 1000}
+    command = [sys.executable, str(ROOT / "distill" / "PAD_depth.py"),
+               *pad_argv(world, tmp_path, **settings)]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                               text=True, env=subprocess_env(world), cwd=ROOT)  # fmt: skip
+    for line in process.stdout:
+        if line.startswith("[it 0]"):
+            break
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    run_dir = run_dir_of(tmp_path)
+    assert not (run_dir / "checkpoint.pt").exists(), "killed too late: the run got to its end"
+    assert (run_dir / "metrics.jsonl").exists()
+    with pytest.raises(UserError, match="start it again from iteration 0 with --resume true"):
+        pad.main("depth", pad_argv(world, tmp_path, **settings))  # a plain rerun says how
+    summary = pad.main("depth", pad_argv(world, tmp_path, **settings, resume="true"))
+    assert summary["next_iteration"] == 21
+    other = tmp_path / "uninterrupted"
+    pad.main("depth", pad_argv(world, other, **settings, buffer_path=tmp_path / "buffer"))
+    files, final = run_tensors(run_dir)
+    files_other, final_other = run_tensors(run_dir_of(other))
+    assert sorted(files) == sorted(files_other)
+    for name in files:
+        assert torch.equal(files[name], files_other[name]), name
+    for a, b in zip(final, final_other, strict=True):
+        assert torch.equal(a, b)
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").open()]
+    steps_other = [
+        json.loads(line)["step"] for line in (run_dir_of(other) / "metrics.jsonl").open()
+    ]
+    assert steps == steps_other  # the killed run's lines are gone, none twice
