@@ -28,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
@@ -54,6 +55,7 @@ from utils.difficulty import (  # noqa: E402
 from utils.gsam import GSAM  # noqa: E402
 from utils.guard import check_finite  # noqa: E402
 from utils.io import UserError, load_json, prepare_output_dir, run_main, save_yaml  # noqa: E402
+from utils.locks import hold_lock, lock_path  # noqa: E402
 from utils.networks import check_model_names, get_network  # noqa: E402
 from utils.provenance import check_provenance  # noqa: E402
 from utils.runtime import (  # noqa: E402
@@ -394,6 +396,11 @@ def check_compiler(device: torch.device) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
+    with contextlib.ExitStack() as held:  # the expert folder's lock, released however it ends
+        train_buffer(args, held)
+
+
+def train_buffer(args: argparse.Namespace, held: contextlib.ExitStack) -> None:
     # ---- arguments ---------------------------------------------------------------------------
     check_args(args)
     rank, world = rank_and_world()
@@ -403,6 +410,8 @@ def main(args: argparse.Namespace) -> None:
     index_path = index_file_path(args) if args.sort_method else None
     folder = expert_dir(args.buffer_path, args.dataset, args.model, args.zca, args.subset, args.res)
     prepare_output_dir(folder, "--buffer_path")
+    # docs/formats.md#locks: one process (per rank) per expert folder
+    held.enter_context(hold_lock(lock_path(folder, rank), f"expert folder {folder}"))
 
     # ---- set-up: data, curriculum order, and the experts already on disk ---------------------
     data = get_dataset(

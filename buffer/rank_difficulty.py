@@ -56,6 +56,7 @@ from utils.io import (  # noqa: E402
     save_json,
     save_pt,
 )
+from utils.locks import hold_lock  # noqa: E402
 from utils.networks import check_model_names, get_network  # noqa: E402
 from utils.runtime import AMP_MODES, repo_root, resolve_device, seed_everything  # noqa: E402
 
@@ -103,13 +104,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> Path:
+    with contextlib.ExitStack() as held:  # the index file's lock, released however it ends
+        return rank_images(args, held)
+
+
+def rank_images(args: argparse.Namespace, held: contextlib.ExitStack) -> Path:
     args.method = check_args(args)
     device = resolve_device(args.device)
     name = args.name or default_name(args)
     target = Path(args.out).expanduser() / f"{name}.pt"
+    prepare_output_file(target, "--out")
+    # docs/formats.md#locks: one process per index file (and its partial scores)
+    held.enter_context(hold_lock(target.parent / f".{name}.lock", f"index file {target}"))
     if target.exists() and not args.overwrite:
         raise UserError(f"{target} exists: pass --overwrite to replace it, or --name to add one")
-    prepare_output_file(target, "--out")
     data = get_dataset(
         args.dataset, args.data_path, subset=args.subset, zca=args.zca,
         max_per_class=args.max_per_class,

@@ -31,6 +31,7 @@ the resumed command line (e.g. a lower `--lr_img` after a divergence) replace th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -58,6 +59,7 @@ from utils.io import (  # noqa: E402
     run_main,
     save_pt,
 )
+from utils.locks import hold_lock, lock_path  # noqa: E402
 from utils.matching import (  # noqa: E402
     MEMORY_MODES,
     InnerSteps,
@@ -69,7 +71,13 @@ from utils.matching import (  # noqa: E402
 )
 from utils.networks import get_network  # noqa: E402
 from utils.provenance import check_provenance  # noqa: E402
-from utils.runtime import get_rng_state, resolve_device, seed_everything, set_rng_state  # noqa: E402
+from utils.runtime import (  # noqa: E402
+    get_rng_state,
+    rank_and_world,
+    resolve_device,
+    seed_everything,
+    set_rng_state,
+)
 from utils.synset import (  # noqa: E402
     PIX_INITS,
     StartEpochSchedule,
@@ -104,6 +112,11 @@ CHECKPOINT_VERSION = 1
 
 def main(mask_name: str, argv: list[str] | None = None) -> dict:
     """Distill with PAD's mask `mask_name` ("depth" or "loss"); returns a summary of the run."""
+    with contextlib.ExitStack() as held:  # the run folder's lock, released however it ends
+        return distill(mask_name, argv, held)
+
+
+def distill(mask_name: str, argv: list[str] | None, held: contextlib.ExitStack) -> dict:
     # ---- arguments ---------------------------------------------------------------------------
     cfg = parse_config_args(
         argv, description=f"PAD distillation, {mask_name} mask (docs/algorithms.md#distillation)"
@@ -117,14 +130,16 @@ def main(mask_name: str, argv: list[str] | None = None) -> dict:
     schedule = StartEpochSchedule.from_config(cfg)
     schedule.validate(cfg.Iteration)
     run_dir = run_folder(cfg, mask.name)
-    checkpoint = read_checkpoint(run_dir, cfg, mask.name) if cfg.resume else None
-    if not cfg.resume:
-        refuse_existing_run(run_dir)
     folder = expert_dir(cfg.buffer_path, cfg.dataset, cfg.model, cfg.zca, cfg.subset, cfg.res)
     files = list_expert_files(folder)
     if not files:
         raise UserError(no_experts_message(cfg, folder))
     prepare_output_dir(run_dir, "--out_dir")
+    # docs/formats.md#locks: one process per run folder, before its files are read or written
+    held.enter_context(hold_lock(lock_path(run_dir, rank_and_world()[0]), f"run folder {run_dir}"))
+    checkpoint = read_checkpoint(run_dir, cfg, mask.name) if cfg.resume else None
+    if not cfg.resume:
+        refuse_existing_run(run_dir)
     device = resolve_device(cfg.device)
 
     # ---- set-up ------------------------------------------------------------------------------

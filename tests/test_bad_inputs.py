@@ -396,3 +396,56 @@ def test_kill_before_the_first_checkpoint_then_resume_equals_an_uninterrupted_ru
         json.loads(line)["step"] for line in (run_dir_of(other) / "metrics.jsonl").open()
     ]
     assert steps == steps_other  # the killed run's lines are gone, none twice
+
+
+# ---- 6. two processes on the same outputs ------------------------------------------------------
+
+HOLD = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from utils.locks import hold_lock
+with hold_lock(sys.argv[2], "test"):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def hold_in_another_process(lock):
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen([sys.executable, "-c", HOLD, str(ROOT), str(lock)],
+                               stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert process.stdout.readline().strip() == "held"
+    return process
+
+
+def test_a_second_process_on_the_same_outputs_stops_naming_the_holder(world, tmp_path):
+    write_experts(tmp_path / "buffer", meta=EXPERT_SETTINGS)
+    run_dir = run_dir_of(tmp_path)
+    locks = {
+        "pad": run_dir / ".lock",
+        "buffer": expert_dir(tmp_path / "buffer2", "ImageFolder", MODEL, False) / ".lock",
+        "rank": tmp_path / "indices" / ".tiny.lock",
+    }
+    holders = {name: hold_in_another_process(lock) for name, lock in locks.items()}
+    try:
+        for name, call in (
+            ("pad", lambda: pad.main("depth", pad_argv(world, tmp_path, Iteration=0))),
+            ("buffer", lambda: buffer_CL.main(buffer_CL.parse_args(
+                buffer_argv(world, tmp_path / "buffer2")))),
+            ("rank", lambda: rank_difficulty.main(rank_difficulty.parse_args(
+                rank_argv(world, tmp_path / "indices")))),
+        ):  # fmt: skip
+            pid = holders[name].pid
+            with pytest.raises(UserError, match=rf"in use by process {pid} on .*\.lock"):
+                call()
+    finally:
+        for process in holders.values():
+            process.kill()
+            process.wait()
+    assert not (run_dir / "metrics.jsonl").exists()  # stopped before writing anything
+    # the holders died by SIGKILL: their lock files stay, and are taken over with a warning
+    assert locks["pad"].exists()
+    pid = holders["pad"].pid
+    with pytest.warns(UserWarning, match=rf"stale lock .* of process {pid} on .*no longer running"):
+        pad.main("depth", pad_argv(world, tmp_path, Iteration=0))
+    assert not locks["pad"].exists()  # a clean exit removes it
