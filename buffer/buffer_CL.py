@@ -45,7 +45,7 @@ from tqdm import tqdm  # noqa: E402
 
 from utils.augment import DSA_STRATEGY, augment  # noqa: E402
 from utils.config import HelpFormatter, add_bool_flag  # noqa: E402
-from utils.data import Data, get_dataset  # noqa: E402
+from utils.data import Data, check_dataset_name, get_dataset  # noqa: E402
 from utils.difficulty import (  # noqa: E402
     curriculum_fraction,
     curriculum_indices,
@@ -54,7 +54,14 @@ from utils.difficulty import (  # noqa: E402
 )
 from utils.gsam import GSAM  # noqa: E402
 from utils.guard import check_finite  # noqa: E402
-from utils.io import UserError, load_json, prepare_output_dir, run_main, save_yaml  # noqa: E402
+from utils.io import (  # noqa: E402
+    UserError,
+    atomic_write,
+    load_json,
+    prepare_output_dir,
+    run_main,
+    save_yaml,
+)
 from utils.locks import hold_lock, lock_path  # noqa: E402
 from utils.networks import check_model_names, get_network  # noqa: E402
 from utils.provenance import check_provenance  # noqa: E402
@@ -185,6 +192,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.remove_easy and args.remove_hard:
         raise UserError("give --remove_easy or --remove_hard, not both")
     check_model_names([args.model])
+    check_dataset_name(args.dataset)
 
 
 def index_file_path(args: argparse.Namespace) -> Path:
@@ -376,6 +384,16 @@ def sidecar_meta(
     }  # fmt: skip
 
 
+def forget_epochs_of(metrics: MetricsLog, experts: set[int]) -> None:
+    """Drop the lines of experts about to be trained (again): an expert interrupted mid-way
+    starts over, and its epochs would otherwise appear twice."""
+    records = metrics.read()
+    kept = [r for r in records if r.get("expert") not in experts]
+    if len(kept) < len(records):
+        with atomic_write(metrics.path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
 def divergence_advice(args: argparse.Namespace, folder: Path) -> str:
     """The fix for a diverged expert, one this script then accepts: the folder's files and
     partial experts of the diverged rate stay, so a lower rate needs a folder of its own."""
@@ -443,6 +461,8 @@ def train_buffer(args: argparse.Namespace, held: contextlib.ExitStack) -> None:
         data.images_test.to(device), data.labels_test.to(device),
     )  # fmt: skip
     metrics = MetricsLog(folder / "metrics.jsonl")
+    if world == 1:  # with more ranks the others append meanwhile: their lines are left alone
+        forget_epochs_of(metrics, {k for _, k in todo})
     meta = sidecar_meta(settings, shapes, rank, world, device, index_path)
 
     # ---- the loop: one expert at a time, kept as soon as it is finished ----------------------

@@ -52,6 +52,7 @@ from utils.io import (  # noqa: E402
     UserError,
     load_pt,
     prepare_output_file,
+    remove_temporaries,
     run_main,
     save_json,
     save_pt,
@@ -126,6 +127,8 @@ def rank_images(args: argparse.Namespace, held: contextlib.ExitStack) -> Path:
 
     config = scoring_config(args, data)
     partial = target.parent / f".{name}.partial"
+    remove_temporaries(partial, "repeat_*")  # writes a kill cut short
+    held.callback(remove_if_unused, partial)
     start = time.perf_counter()
     per_repeat, runs = [], []
     for k in tqdm(range(args.repeat), desc="repeats", disable=None):
@@ -240,6 +243,12 @@ def scoring_config(args: argparse.Namespace, data: Data) -> dict:
         "seed": args.seed,
         "amp": args.amp,
     }
+
+
+def remove_if_unused(partial: Path) -> None:
+    """However the run ends, no partial folder without a finished repeat stays behind."""
+    if partial.is_dir() and not any(partial.glob("repeat_*.pt")):
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def partial_file(partial: Path, k: int, config: dict) -> Path:

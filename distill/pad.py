@@ -48,7 +48,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.config import DEFAULTS, parse_config_args, save_config  # noqa: E402
-from utils.data import Data, get_dataset  # noqa: E402
+from utils.data import Data, check_dataset_name, get_dataset  # noqa: E402
 from utils.evaluate import eval_pool, evaluate_synset  # noqa: E402
 from utils.guard import SkipCounter, check_bound, check_finite, trailing_skips  # noqa: E402
 from utils.io import (  # noqa: E402
@@ -275,6 +275,7 @@ def check_settings(cfg: SimpleNamespace) -> None:
     """One-line UserErrors for settings the loop cannot run with
     (docs/hyperparameters.md#distillation-config-keys); the mask ratio, syn_steps and batch_syn are
     checked by make_mask and InnerSteps."""
+    check_dataset_name(cfg.dataset)  # before the expert folder, which is named after it
     check_choice("memory", cfg.memory, MEMORY_MODES)
     check_choice("pix_init", cfg.pix_init, PIX_INITS)
     minimums = {

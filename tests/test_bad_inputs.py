@@ -449,3 +449,57 @@ def test_a_second_process_on_the_same_outputs_stops_naming_the_holder(world, tmp
     with pytest.warns(UserWarning, match=rf"stale lock .* of process {pid} on .*no longer running"):
         pad.main("depth", pad_argv(world, tmp_path, Iteration=0))
     assert not locks["pad"].exists()  # a clean exit removes it
+
+
+# ---- 7. smaller items --------------------------------------------------------------------------
+
+
+def test_unknown_data_set_is_named_before_looking_for_experts(world, tmp_path):
+    with pytest.raises(
+        UserError, match=r"unknown data set 'ImageFolderr' \(did you mean ImageFolder"
+    ):
+        pad.main("depth", pad_argv(world, tmp_path, dataset="ImageFolderr"))
+
+
+def test_nan_experts_name_the_file(world, tmp_path):
+    experts = random_walk_experts()
+    for expert in experts:
+        for snapshot in expert:
+            snapshot[0].fill_(float("nan"))
+    folder = write_experts(tmp_path / "buffer", experts, meta=EXPERT_SETTINGS)
+    with pytest.raises(UserError, match=rf"expert file {folder / 'replay_buffer_0.pt'} holds "
+                       "non-finite parameters"):  # fmt: skip
+        pad.main("depth", pad_argv(world, tmp_path))
+
+
+def test_buffer_metrics_hold_each_epoch_once_after_an_interrupted_expert(
+    world, tmp_path, monkeypatch
+):
+    buffer = tmp_path / "buffer"
+    argv = buffer_argv(world, buffer, "--num_experts", "2", "--save_interval", "1")
+    real_epoch, calls = buffer_CL.train_epoch, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # expert 1, epoch 1: its epoch 0 is logged already
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(buffer_CL, "train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        buffer_CL.main(buffer_CL.parse_args(argv))
+    monkeypatch.setattr(buffer_CL, "train_epoch", real_epoch)
+    buffer_CL.main(buffer_CL.parse_args(argv))
+    folder = expert_dir(buffer, "ImageFolder", MODEL, False)
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").open()]
+    assert [(r["expert"], r["epoch"]) for r in records] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+def test_no_empty_partial_folder_stays(world, tmp_path):
+    out = tmp_path / "indices"
+    stale = out / ".tiny.partial" / ".repeat_0-0123456789ab.pt.k1ll3d.tmp"  # a write cut by a kill
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"PK")
+    with pytest.raises(UserError, match="diverged"):
+        rank_difficulty.main(rank_difficulty.parse_args(rank_argv(world, out, "--lr", "1e12")))
+    assert list(out.iterdir()) == []
