@@ -57,6 +57,7 @@ from utils.io import (  # noqa: E402
     load_pt,
     prepare_output_dir,
     run_main,
+    save_json,
     save_pt,
 )
 from utils.locks import hold_lock, lock_path  # noqa: E402
@@ -103,10 +104,12 @@ from utils.trajectory import (  # noqa: E402
     load_sidecar,
     sidecar_path,
 )
+from utils.validation import check_experts_disjoint, selections, update_best  # noqa: E402
 
 RATIO_KEYS = {"depth": "depth_ratio", "loss": "loss_ratio"}
 # Settings a checkpoint cannot be continued under (they change what the tensors mean).
-IDENTITY_KEYS = ("dataset", "subset", "model", "ipc", "zca", "res", "max_per_class")
+IDENTITY_KEYS = ("dataset", "subset", "model", "ipc", "zca", "res", "max_per_class",
+                 "val_per_class")  # fmt: skip
 CHECKPOINT_VERSION = 1
 
 
@@ -286,6 +289,7 @@ def check_settings(cfg: SimpleNamespace) -> None:
         "num_eval": 1,
         "epoch_eval_train": 0,
         "batch_train": 1,
+        "val_per_class": 0,
     }
     for key, minimum in minimums.items():
         if getattr(cfg, key) < minimum:
@@ -362,8 +366,9 @@ def evaluation_iterations(cfg: SimpleNamespace) -> list[int]:
 def load_data(cfg: SimpleNamespace) -> tuple[Data, list[Tensor]]:
     """The real data set and its train indices per class, checked against ipc."""
     data = get_dataset(
-        cfg.dataset, cfg.data_path, subset=cfg.subset, zca=cfg.zca, max_per_class=cfg.max_per_class
-    )
+        cfg.dataset, cfg.data_path, subset=cfg.subset, zca=cfg.zca, max_per_class=cfg.max_per_class,
+        val_per_class=cfg.val_per_class,
+    )  # fmt: skip
     indices_class = data.indices_class()
     check_ipc(cfg.ipc, indices_class, data.class_names)
     return data, indices_class
@@ -390,6 +395,8 @@ def open_experts(
         experts = load_expert_file(path, mmap=True)[: cfg.max_experts]
         shortest = min(len(expert) for expert in experts)
         check_trajectory_length(cfg.max_start_epoch, cfg.expert_epochs, shortest, path)
+    if data.split is not None:  # docs/evaluation.md#validation-split
+        check_experts_disjoint([(path, load_sidecar(path)) for path in sampler.files], data.split)
     return student, sampler
 
 
@@ -427,6 +434,9 @@ def open_run(
     eval_models = eval_pool(cfg.eval_mode, cfg.model, data.im_size)
     resumed = f" (resumed at iteration {progress.next_iteration})" if checkpoint else ""
     print(f"outputs: {run_dir}{resumed}")
+    if data.split is not None:
+        print(f"validation: the last {cfg.val_per_class} train images of each class "
+              f"({len(data.labels_val)} in all) choose images_best")  # fmt: skip
     skips = skip_counter(cfg, progress)
     return Run(cfg, data, device, run_dir, tracker, progress, eval_models, skips)
 
@@ -575,24 +585,28 @@ def evaluate(run: Run, it: int, syn: SynSet) -> bool:
             dsa_strategy=cfg.dsa_strategy, num_eval=cfg.num_eval, device=run.device,
             seed=cfg.eval_seed + it, amp=cfg.amp,
         )  # fmt: skip
-        best = run.progress.best.get(name)
-        if best is None or result.mean > best["mean"]:
-            best = {"mean": result.mean, "std": result.std, "iteration": it}
-            run.progress.best[name] = best
-            improved = True
-        run.tracker.log(
-            it,
-            {
-                f"accuracy/{name}": result.mean,
-                f"accuracy_std/{name}": result.std,
-                f"best_accuracy/{name}": best["mean"],
-                "eval_seconds": result.seconds,
-            },
+        # docs/evaluation.md#validation-split: by validation accuracy when the split is on
+        best, better = update_best(
+            run.progress.best.get(name), it, result.mean, result.std, result.val_mean
         )
+        run.progress.best[name] = best
+        improved = improved or better
+        record = {
+            f"accuracy/{name}": result.mean,
+            f"accuracy_std/{name}": result.std,
+            f"best_accuracy/{name}": best["mean"],
+            "eval_seconds": result.seconds,
+        }
+        validation = ""
+        if result.val_mean is not None:
+            record[f"val_accuracy/{name}"] = result.val_mean
+            validation = f", validation {result.val_mean:.2f}%"
+        run.tracker.log(it, record)
+        chosen = "best by validation" if result.val_mean is not None else "best"
         tqdm.write(
-            f"[it {it}] {name}: {result.mean:.2f}% +- {result.std:.2f} ({cfg.num_eval} net(s), "
-            f"best {best['mean']:.2f}% at it {best['iteration']}); syn_lr {lr:.5f}; "
-            f"{result.seconds:.1f} s",
+            f"[it {it}] {name}: {result.mean:.2f}% +- {result.std:.2f}{validation} "
+            f"({cfg.num_eval} net(s), {chosen} {best['mean']:.2f}% at it {best['iteration']}); "
+            f"syn_lr {lr:.5f}; {result.seconds:.1f} s",
             file=sys.stdout,
         )
     return improved
@@ -631,7 +645,34 @@ def report(run: Run, signum: int | None) -> None:
         best = ", ".join(
             f"{name} {b['mean']:.2f}% (it {b['iteration']})" for name, b in progress.best.items()
         )
-        print(f"done: {progress.skipped} skipped iteration(s); best {best or '-'}; {run.dir}")
+        chosen = "best by validation, test accuracy" if run.cfg.val_per_class else "best"
+        print(f"done: {progress.skipped} skipped iteration(s); {chosen} {best or '-'}; {run.dir}")
+        if run.cfg.val_per_class:
+            report_selections(run)
+
+
+def report_selections(run: Run) -> None:
+    """Test accuracy of the set validation chose beside the one the test set would have chosen,
+    from metrics.jsonl, also into selection.json (docs/evaluation.md#validation-split)."""
+    records = MetricsLog(run.dir / "metrics.jsonl").read()
+    summary = {}
+    for name in run.eval_models:
+        evaluations = [
+            (r["step"], r[f"accuracy/{name}"], r[f"val_accuracy/{name}"])
+            for r in records
+            if f"val_accuracy/{name}" in r
+        ]
+        if not evaluations:
+            continue
+        chosen = selections(evaluations)
+        summary[name] = chosen
+        by_val, by_test = chosen["by_validation"], chosen["by_test"]
+        print(
+            f"{name}: selected by validation: it {by_val['iteration']}, test {by_val['mean']:.2f}% "
+            f"(validation {by_val['val_mean']:.2f}%); selected by test: it "
+            f"{by_test['iteration']}, test {by_test['mean']:.2f}%"
+        )
+    save_json(summary, run.dir / "selection.json")
 
 
 def plot_loss(run: Run) -> None:
@@ -767,7 +808,7 @@ def read_checkpoint(run_dir: Path, cfg: SimpleNamespace, mask: str) -> dict | No
     changed = [
         f"{key}={wanted[key]!r} (checkpoint: {saved.get(key)!r})"
         for key in wanted
-        if saved.get(key) != wanted[key]
+        if saved.get(key, DEFAULTS.get(key)) != wanted[key]  # keys added later: their default
     ]
     if changed:
         raise UserError(f"cannot resume {path} with other settings: {', '.join(changed)}")

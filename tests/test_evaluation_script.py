@@ -12,6 +12,7 @@ from conftest import make_color_image_folder  # noqa: E402
 
 from distill import evaluation
 from utils.io import UserError
+from utils.scores import SCORE_ROWS, robust_scores
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES, SIZE = 3, 16
@@ -32,12 +33,8 @@ def world(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def cache_and_threads(world, monkeypatch):
+def cache_dir(world, monkeypatch, one_thread):
     monkeypatch.setenv("PAD_CACHE_DIR", str(world / "cache"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def base_args(world, *extra):
@@ -168,3 +165,89 @@ def test_each_bad_input_is_a_user_error(world, tmp_path):
         with pytest.raises(UserError, match=message):
             evaluation.main(evaluation.parse_args(args))
     assert not list(tmp_path.glob("eval_*.json"))  # nothing trained, nothing written
+
+
+# ---- --scores and Table 2 (docs/evaluation.md) -------------------------------------------------
+
+
+def test_scores_end_to_end_with_a_trained_then_cached_full_accuracy(world, tmp_path, capsys):
+    args = set_args(world, "--lr_net=0.02", "--scores", f"--out={tmp_path / 's.json'}")
+    record = evaluation.main(evaluation.parse_args(args))
+    scores = record["scores"]["ConvNetW32"]
+    accs = scores["accuracies"]
+    assert set(accs) == set(SCORE_ROWS) and all(len(a["accs"]) == 2 for a in accs.values())
+    assert accs["random"] == accs["random_hard"]  # real images: one evaluation with hard labels
+    assert accs["syn"]["accs"] == record["models"]["ConvNetW32"]["accs"]
+    assert record["random"]["ConvNetW32"]["accs"] == accs["random"]["accs"]
+    assert scores["full_accuracy_source"].startswith("trained (2 epochs")
+    # a second computation of the scores from the recorded accuracies
+    expected = robust_scores({row: a["accs"] for row, a in accs.items()}, scores["full_accuracy"])
+    for key in ("hlr", "ior", "lrs", "ars"):
+        assert scores[key]["values"] == pytest.approx(expected[key]["values"])
+        assert scores[key]["mean"] == pytest.approx(expected[key]["mean"])
+        assert 0 <= scores["lrs"]["mean"] <= 1 and 0 <= scores["ars"]["mean"] <= 1
+    written = json.loads((tmp_path / "s.json").read_text())
+    assert written["scores"]["ConvNetW32"]["lrs"]["mean"] == pytest.approx(scores["lrs"]["mean"])
+    out = capsys.readouterr().out
+    assert "hard labels, augmentation" in out and "LRS" in out and "ARS" in out
+    # the full-data accuracy is trained once: the second run reads it from the cache
+    again = evaluation.main(evaluation.parse_args(args))["scores"]["ConvNetW32"]
+    assert again["full_accuracy"] == scores["full_accuracy"]
+    assert again["full_accuracy_source"].startswith("cached")
+    given = set_args(world, "--lr_net=0.02", "--scores", "--full_accuracy=90",
+                     f"--out={tmp_path / 'g.json'}")  # fmt: skip
+    record = evaluation.main(evaluation.parse_args(given))["scores"]["ConvNetW32"]
+    assert record["full_accuracy"] == 90 and record["full_accuracy_source"] == "given"
+    syn_hard = record["accuracies"]["syn_hard"]["accs"]
+    assert record["hlr"]["values"] == pytest.approx([0.9 - a / 100 for a in syn_hard])
+
+
+def test_hard_label_row_trains_on_the_argmax_of_the_soft_labels(world, monkeypatch):
+    calls = []
+
+    def fake_evaluate_models(names, images, labels, lr, data, **kwargs):
+        calls.append((labels.clone(), lr, kwargs["dsa_strategy"]))
+        return []
+
+    monkeypatch.setattr(evaluation, "evaluate_models", fake_evaluate_models)
+    args = evaluation.parse_args(set_args(world, "--lr_net=0.02"))
+    evaluation.score_rows(args, [], torch.zeros(6, 3, SIZE, SIZE), torch.eye(3).repeat(2, 1) * 4,
+                          0.02, evaluation.get_dataset("ImageFolder", str(world / "data")),
+                          torch.device("cpu"))  # fmt: skip
+    (syn, syn_hard, random, syn_naug, random_naug) = calls
+    assert syn[0].is_floating_point() and syn_hard[0].tolist() == [0, 1, 2, 0, 1, 2]
+    assert random[1] == 0.01 and random[0].tolist() == [0, 0, 1, 1, 2, 2]
+    assert syn_naug[2] == "none" and random_naug[2] == "none" and syn[2] != "none"
+
+
+@pytest.mark.parametrize("value", ["0", "100.5", "-3"])
+def test_full_accuracy_outside_0_100_is_one_line_and_exit_2(world, value):
+    script = str(ROOT / "distill" / "evaluation.py")
+    args = set_args(world, "--lr_net=0.02", "--scores", f"--full_accuracy={value}")
+    env = {"PAD_CACHE_DIR": str(world / "cache"), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin"}
+    done = subprocess.run([sys.executable, script, *args], env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.match(
+        r"error: --full_accuracy .* is outside \(0, 100\]", lines[0]
+    )
+
+
+def test_pool_prints_and_writes_table_2_with_the_gain_over_random(world, tmp_path, capsys):
+    normal = world / "Normal"
+    args = ["--dataset", "ImageFolder", f"--data_path={world / 'data'}", "--epoch_eval_train=1",
+            "--num_eval=1", "--batch_train=4", "--eval_mode=W", "--lr_net=0.02",
+            f"--data_dir={normal / 'images_best.pt'}", f"--label_dir={normal / 'labels_best.pt'}",
+            f"--out={tmp_path}/"]  # fmt: skip
+    record = evaluation.main(evaluation.parse_args(args))
+    markdown = (tmp_path / "eval_best.md").read_text().splitlines()
+    header = "| method | ConvNetW32 | ConvNetW64 | ConvNetW128 | ConvNetW256 | mean |"
+    assert header in markdown
+    gains = next(line for line in markdown if line.startswith("| gain over Random"))
+    cells = [c.strip() for c in gains.strip("|").split("|")][1:]
+    names = ["ConvNetW32", "ConvNetW64", "ConvNetW128", "ConvNetW256"]
+    expected = [record["models"][n]["mean"] - record["random"][n]["mean"] for n in names]
+    assert [float(c) for c in cells[:4]] == pytest.approx(expected, abs=0.006)
+    assert float(cells[4]) == pytest.approx(sum(expected) / 4, abs=0.006)
+    assert "gain over Random" in capsys.readouterr().out

@@ -17,13 +17,7 @@ NUM_CLASSES, IPC, IM_SIZE = 4, 2, (8, 8)
 NUM_SYN = NUM_CLASSES * IPC
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny ops on a shared 2-core machine: thread-pool hand-offs cost more than the work itself.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_problem(dtype=torch.float32, seed=0):

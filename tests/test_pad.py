@@ -34,14 +34,8 @@ def world(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def cache_and_threads(world, monkeypatch):
+def cache_dir(world, monkeypatch, one_thread):
     monkeypatch.setenv("PAD_CACHE_DIR", str(world / "cache"))
-    # One thread: these tensors are tiny, and on a busy 2-core machine a second thread spends
-    # most of its time waiting for the first.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def random_walk_experts(num_experts=2, snapshots=4, seed=0):

@@ -176,6 +176,9 @@ KEYS: dict[str, Key] = {
             "evaluation precision: off (float32, the paper's) or bf16 autocast", OURS),
         Key("max_per_class", None, "int?",
             "use only the first max_per_class train images of each class (null: all)", OURS),
+        Key("val_per_class", 0, "int",
+            "hold out the last N train images per class and keep images_best by their accuracy "
+            "(0: off, select by test accuracy as the paper)", OURS),
         Key("eval_seed", 0, "int",
             "the evaluation at iteration it seeds its networks with eval_seed + it", OURS),
         Key("out_dir", "logged_files", "str",

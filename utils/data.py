@@ -24,6 +24,7 @@ from torch import Tensor
 from utils.data_sources import DATASET_NAMES, LOADERS, Source
 from utils.io import UserError
 from utils.tensor_cache import cache_root, cached
+from utils.validation import Split, split_train_val
 from utils.zca import ZCA, ZCA_EPS
 
 
@@ -44,6 +45,11 @@ class Data:
     images_test: Tensor = field(repr=False)
     labels_test: Tensor = field(repr=False)
     zca: ZCA | None = field(default=None, repr=False)
+    # with val_per_class > 0 (docs/evaluation.md#validation-split): the held-out images, class by
+    # class, and where the train and held-out images sit in the loader's order
+    images_val: Tensor | None = field(default=None, repr=False)
+    labels_val: Tensor | None = field(default=None, repr=False)
+    split: Split | None = field(default=None, repr=False)
 
     def indices_class(self) -> list[Tensor]:
         """Per class, the ascending int64 indices of its images in `images_train`."""
@@ -77,11 +83,13 @@ def get_dataset(
     subset: str = "imagenette",
     zca: bool = False,
     max_per_class: int | None = None,
+    val_per_class: int = 0,
     cache_dir: str | None = None,
     download: bool = True,
 ) -> Data:
     """Load `name` from `data_path` (docs/algorithms.md#data-and-zca-whitening); see the module
-    docstring for caching."""
+    docstring for caching. `val_per_class` > 0 holds out the last that many train images of every
+    class as `images_val` (docs/evaluation.md#validation-split)."""
     check_dataset_name(name)
     if zca and name == "ImageNet":
         raise UserError(
@@ -93,11 +101,18 @@ def get_dataset(
     cache = cache_root(cache_dir)
     source = LOADERS[name](Path(data_path).expanduser().absolute(), subset, cache, download)
     num_classes = len(source.class_names)
-    keep = _first_per_class(source.train.labels, num_classes, max_per_class, source.class_names)
+    keep, split = None, None
+    if max_per_class is not None or val_per_class:
+        keep, held_out = split_train_val(
+            source.train.labels, num_classes, val_per_class, max_per_class, source.class_names
+        )
+        if val_per_class:
+            split = Split(val_per_class, source.train.labels.clone(), keep, held_out)
     images_train = source.train.images if keep is None else source.train.images[keep]
     labels_train = source.train.labels if keep is None else source.train.labels[keep]
 
     whitening = _cached_zca(source, cache) if zca else None
+    val_pixels = None if split is None else source.train.images[split.val_positions]
     channel, height, width = source.train.images.shape[1:]
     return Data(
         name=name,
@@ -112,25 +127,10 @@ def get_dataset(
         images_test=_preprocess(source.test.images, source, whitening),
         labels_test=source.test.labels.clone(),
         zca=whitening,
+        images_val=None if split is None else _preprocess(val_pixels, source, whitening),
+        labels_val=None if split is None else source.train.labels[split.val_positions].clone(),
+        split=split,
     )
-
-
-def _first_per_class(
-    labels: Tensor, num_classes: int, max_per_class: int | None, class_names: list[str]
-) -> Tensor | None:
-    """Indices of the first `max_per_class` images of every class, in loader order."""
-    if max_per_class is None:
-        return None
-    keep = torch.zeros(len(labels), dtype=torch.bool)
-    for c in range(num_classes):
-        members = torch.nonzero(labels == c).flatten()
-        if len(members) < max_per_class:
-            raise UserError(
-                f"max_per_class={max_per_class} but class {c} ({class_names[c]}) has only "
-                f"{len(members)} train images: use max_per_class <= {len(members)}"
-            )
-        keep[members[:max_per_class]] = True
-    return torch.nonzero(keep).flatten()
 
 
 def _preprocess(pixels: Tensor, source: Source, whitening: ZCA | None) -> Tensor:

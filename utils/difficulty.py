@@ -68,26 +68,12 @@ def validate_curriculum(
             )
 
 
-def curriculum_fraction(
-    epoch: int,
-    *,
-    init_ratio: float,
-    add_end_epoch: int,
-    rm_epoch_first: int,
-    rm_epoch_second: int,
-    rm_easy_ratio_first: float,
-    rm_easy_ratio_second: float,
-) -> tuple[float, float]:
+def curriculum_fraction(epoch: int, **schedule: float) -> tuple[float, float]:
     """(drop_easy, keep_upto): epoch `epoch` (0-based) trains on the fractions
-    [drop_easy, keep_upto) of every class's easy-to-hard row (docs/algorithms.md#the-curriculum)."""
-    validate_curriculum(
-        init_ratio=init_ratio,
-        add_end_epoch=add_end_epoch,
-        rm_epoch_first=rm_epoch_first,
-        rm_epoch_second=rm_epoch_second,
-        rm_easy_ratio_first=rm_easy_ratio_first,
-        rm_easy_ratio_second=rm_easy_ratio_second,
-    )
+    [drop_easy, keep_upto) of every class's easy-to-hard row (docs/algorithms.md#the-curriculum).
+    `schedule` holds the keywords of `validate_curriculum`."""
+    validate_curriculum(**schedule)
+    init_ratio, add_end_epoch = schedule["init_ratio"], schedule["add_end_epoch"]
     if epoch < 0:
         raise ValueError(f"epoch must be >= 0, got {epoch}")
     if epoch <= add_end_epoch:
@@ -95,35 +81,17 @@ def curriculum_fraction(
             return 0.0, 1.0
         # the reference's operation order, so int(p * n) truncates the same float64 value
         return 0.0, min(1.0, init_ratio + (1 - init_ratio) * epoch / add_end_epoch)
-    if epoch <= rm_epoch_first:
+    if epoch <= schedule["rm_epoch_first"]:
         return 0.0, 1.0
-    if epoch <= rm_epoch_second:
-        return float(rm_easy_ratio_first), 1.0
-    return float(rm_easy_ratio_second), 1.0
+    if epoch <= schedule["rm_epoch_second"]:
+        return float(schedule["rm_easy_ratio_first"]), 1.0
+    return float(schedule["rm_easy_ratio_second"]), 1.0
 
 
-def curriculum_indices(
-    order: Tensor,
-    epoch: int,
-    *,
-    init_ratio: float,
-    add_end_epoch: int,
-    rm_epoch_first: int,
-    rm_epoch_second: int,
-    rm_easy_ratio_first: float,
-    rm_easy_ratio_second: float,
-) -> Tensor:
+def curriculum_indices(order: Tensor, epoch: int, **schedule: float) -> Tensor:
     """The train indices of epoch `epoch`: order[:, int(drop * n) : int(keep * n)], flattened
     class by class, with n = order.shape[1] (the reference's fixed 5000 is a bug)."""
-    drop, keep = curriculum_fraction(
-        epoch,
-        init_ratio=init_ratio,
-        add_end_epoch=add_end_epoch,
-        rm_epoch_first=rm_epoch_first,
-        rm_epoch_second=rm_epoch_second,
-        rm_easy_ratio_first=rm_easy_ratio_first,
-        rm_easy_ratio_second=rm_easy_ratio_second,
-    )
+    drop, keep = curriculum_fraction(epoch, **schedule)
     n = order.shape[1]
     start, stop = int(drop * n), int(keep * n)
     if stop <= start:

@@ -221,13 +221,18 @@ class EvalResult:
     epochs: int
     lr: float
     batch: int
+    # on data.images_val when the data set holds one (docs/evaluation.md#validation-split)
+    val_accs: list[float] | None = None
+    val_mean: float | None = None
+    val_std: float | None = None
 
 
 def _evaluate_networks(
     model_name: str, images: Tensor, labels: Tensor, lr: float, data: Data, indices: list[int],
     config: TrainConfig, device: torch.device, seed: int, batched: bool | None,
-) -> tuple[list[float], float, str]:  # fmt: skip
-    """Train and test networks `indices` of one model; returns (accuracies, seconds, mode)."""
+) -> tuple[list[float], list[float] | None, float, str]:  # fmt: skip
+    """Train and test networks `indices` of one model; returns (test accuracies, validation
+    accuracies or None, seconds, mode)."""
     start = time.perf_counter()
     if batched is None:  # measured (scripts/bench/eval_batched.py): batching loses on the CPU
         batched = device.type != "cpu"
@@ -238,15 +243,24 @@ def _evaluate_networks(
     accs = networks_accuracy(
         nets, data.images_test, data.labels_test, device=device, amp=config.amp, batched=batched
     )
-    return accs, time.perf_counter() - start, "batched" if batched else "sequential"
+    val_accs = None
+    if data.images_val is not None:
+        val_accs = networks_accuracy(
+            nets, data.images_val, data.labels_val, device=device, amp=config.amp, batched=batched
+        )
+    return accs, val_accs, time.perf_counter() - start, "batched" if batched else "sequential"
 
 
 def _result(model_name: str, accs: list[float], seconds: float, lr: float, mode: str,
-            config: TrainConfig) -> EvalResult:  # fmt: skip
-    return EvalResult(
+            config: TrainConfig, val_accs: list[float] | None = None) -> EvalResult:  # fmt: skip
+    result = EvalResult(
         model=model_name, accs=accs, mean=statistics.fmean(accs), std=statistics.pstdev(accs),
         seconds=seconds, mode=mode, epochs=config.epochs, lr=lr, batch=config.batch_train,
     )  # fmt: skip
+    if val_accs is not None:
+        result.val_accs = val_accs
+        result.val_mean, result.val_std = statistics.fmean(val_accs), statistics.pstdev(val_accs)
+    return result
 
 
 def _checked_setup(
@@ -315,17 +329,20 @@ def evaluate_models(
     mine = assign_networks(model_names, num_eval, rank, world)
     local = {}
     for name, indices in mine.items():
-        accs, seconds, mode = _evaluate_networks(
+        accs, val_accs, seconds, mode = _evaluate_networks(
             name, images, labels, lr, data, indices, config, device, seed, batched
         )
-        local[name] = (dict(zip(indices, accs, strict=True)), seconds, mode)
+        val = {} if val_accs is None else dict(zip(indices, val_accs, strict=True))
+        local[name] = (dict(zip(indices, accs, strict=True)), seconds, mode, val)
     shares = gather_objects(local, world)
     results = []
     for name in model_names:
         owners = [share[name] for share in shares if name in share]
-        accs_by_index = {k: acc for by_index, _, _ in owners for k, acc in by_index.items()}
-        seconds = max(seconds for _, seconds, _ in owners)
-        mode = "+".join(sorted({mode for _, _, mode in owners}))
+        accs_by_index = {k: acc for by_index, _, _, _ in owners for k, acc in by_index.items()}
+        val_by_index = {k: acc for *_, by_index in owners for k, acc in by_index.items()}
+        seconds = max(seconds for _, seconds, _, _ in owners)
+        mode = "+".join(sorted({mode for _, _, mode, _ in owners}))
         accs = [accs_by_index[k] for k in range(num_eval)]
-        results.append(_result(name, accs, seconds, lr, mode, config))
+        val_accs = [val_by_index[k] for k in range(num_eval)] if val_by_index else None
+        results.append(_result(name, accs, seconds, lr, mode, config, val_accs))
     return results

@@ -211,23 +211,22 @@ def _load_failure(path: Path, exc: Exception) -> str:
     )
 
 
-def load_json(path: str | os.PathLike, what: str = "file") -> Any:
+def _load_text(path: str | os.PathLike, what: str, parse: Callable[[str], Any], kind: str) -> Any:
     path = Path(path)
     _require_file(path, what)
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read {what} {path}: not valid JSON ({exc})") from exc
+        return parse(path.read_text())
+    except (ValueError, yaml.YAMLError) as exc:  # JSONDecodeError and UnicodeDecodeError too
+        reason = " ".join(str(exc).split())
+        raise UserError(f"cannot read {what} {path}: not valid {kind} ({reason})") from exc
+
+
+def load_json(path: str | os.PathLike, what: str = "file") -> Any:
+    return _load_text(path, what, json.loads, "JSON")
 
 
 def load_yaml(path: str | os.PathLike, what: str = "file") -> Any:
-    path = Path(path)
-    _require_file(path, what)
-    try:
-        return yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        reason = " ".join(str(exc).split())
-        raise UserError(f"cannot read {what} {path}: not valid YAML ({reason})") from exc
+    return _load_text(path, what, yaml.safe_load, "YAML")
 
 
 def _one_line_warning(message: Warning | str, category: type, *args: Any, **kwargs: Any) -> str:
