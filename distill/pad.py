@@ -70,7 +70,7 @@ from utils.matching import (  # noqa: E402
     make_mask,
     match_trajectory,
 )
-from utils.networks import get_network  # noqa: E402
+from utils.networks import check_model_names, get_network  # noqa: E402
 from utils.provenance import check_provenance  # noqa: E402
 from utils.runtime import (  # noqa: E402
     get_rng_state,
@@ -278,7 +278,8 @@ def check_settings(cfg: SimpleNamespace) -> None:
     """One-line UserErrors for settings the loop cannot run with
     (docs/hyperparameters.md#distillation-config-keys); the mask ratio, syn_steps and batch_syn are
     checked by make_mask and InnerSteps."""
-    check_dataset_name(cfg.dataset)  # before the expert folder, which is named after it
+    check_dataset_name(cfg.dataset)  # before the expert folder, which is named after them
+    check_model_names([cfg.model], what="model")
     check_choice("memory", cfg.memory, MEMORY_MODES)
     check_choice("pix_init", cfg.pix_init, PIX_INITS)
     minimums = {

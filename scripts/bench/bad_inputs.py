@@ -378,7 +378,7 @@ def cases(work: Path, world: dict) -> list[Case]:
         Case(
             "PAD --data_path missing", distill("data", "--data_path", work / "nowhere"), "nowhere"
         ),
-        Case("PAD --model ConvNetX", distill("model", "--model", "ConvNetX"), "ConvNetX"),
+        Case("PAD --model ConvNetX", distill("model", "--model", "ConvNetX"), "unknown model"),
         Case(
             "buffer_CL --num_experts 0",
             [*experts, "--buffer_path", work / "b0", "--num_experts", 0],
