@@ -407,6 +407,8 @@ def check_expert_provenance(cfg: SimpleNamespace, path: Path) -> None:
     meta = load_sidecar(path)
     recorded = meta.get("settings") if isinstance(meta, dict) else None
     wanted = {key: getattr(cfg, key) for key in ("dataset", "model", "zca", "max_per_class")}
+    if getattr(cfg, "val_per_class", 0):  # experts then train on fewer images per class, which
+        del wanted["max_per_class"]  # check_experts_disjoint compares with the held-out ones
     if cfg.dataset == "ImageNet":
         wanted.update(subset=cfg.subset, res=cfg.res)
     fix = (
