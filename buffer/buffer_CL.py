@@ -28,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
@@ -44,7 +45,7 @@ from tqdm import tqdm  # noqa: E402
 
 from utils.augment import DSA_STRATEGY, augment  # noqa: E402
 from utils.config import HelpFormatter, add_bool_flag  # noqa: E402
-from utils.data import Data, get_dataset  # noqa: E402
+from utils.data import Data, check_dataset_name, get_dataset  # noqa: E402
 from utils.difficulty import (  # noqa: E402
     curriculum_fraction,
     curriculum_indices,
@@ -52,9 +53,19 @@ from utils.difficulty import (  # noqa: E402
     validate_curriculum,
 )
 from utils.gsam import GSAM  # noqa: E402
-from utils.io import UserError, run_main, save_yaml  # noqa: E402
+from utils.guard import check_finite  # noqa: E402
+from utils.io import (  # noqa: E402
+    UserError,
+    atomic_write,
+    load_json,
+    prepare_output_dir,
+    run_main,
+    save_yaml,
+)
+from utils.locks import hold_lock, lock_path  # noqa: E402
 from utils.networks import check_model_names, get_network  # noqa: E402
 from utils.progress import progress_bar  # noqa: E402
+from utils.provenance import check_provenance  # noqa: E402
 from utils.runtime import (  # noqa: E402
     AMP_MODES,
     derived_seeds,
@@ -172,6 +183,8 @@ def check_args(args: argparse.Namespace) -> None:
             f"--lr_teacher {args.lr_teacher}, --test_every {args.test_every}, --seed {args.seed}: "
             "expected lr > 0, K >= 0 (0 turns tests off) and seed >= 0"
         )
+    if not 0 <= args.mom < 1 or args.l2 < 0:
+        raise UserError(f"--mom {args.mom}, --l2 {args.l2}: expected momentum in [0, 1), l2 >= 0")
     for name in ("remove_easy", "remove_hard"):
         if not 0 <= getattr(args, name) < 1:
             raise UserError(f"--{name} {getattr(args, name)}: expected a fraction in [0, 1)")
@@ -180,6 +193,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.remove_easy and args.remove_hard:
         raise UserError("give --remove_easy or --remove_hard, not both")
     check_model_names([args.model])
+    check_dataset_name(args.dataset)
 
 
 def index_file_path(args: argparse.Namespace) -> Path:
@@ -202,6 +216,19 @@ def index_file_path(args: argparse.Namespace) -> Path:
             "--zca and --max_per_class) or point --indices_path at the folder that holds it"
         )
     return path
+
+
+def check_index_provenance(args: argparse.Namespace, path: Path) -> None:
+    """The index file must rank the images this run trains on: same data set and max_per_class;
+    scores computed with other ZCA settings rank the same images, so that only warns
+    (docs/formats.md#provenance-checks)."""
+    sidecar = path.with_suffix(".json")
+    recorded = load_json(sidecar, what="index file sidecar") if sidecar.exists() else None
+    wanted = {"dataset": args.dataset, "zca": args.zca, "max_per_class": args.max_per_class}
+    if args.dataset == "ImageNet":
+        wanted["subset"] = args.subset
+    fix = "make an index file with these settings (buffer/rank_difficulty.py), or use theirs"
+    check_provenance(path, "difficulty index file", sidecar, recorded, wanted, fix, ("zca",))
 
 
 def run_settings(args: argparse.Namespace, data: Data, order: Tensor | None) -> dict:
@@ -296,6 +323,7 @@ def train_expert(
     args: argparse.Namespace,
     metrics: MetricsLog,
     extra: dict,
+    advice: str = "lower --lr_teacher",
 ) -> tuple[Expert, list[dict]]:
     """Train expert k (seed args.seed + k); returns its train_epochs + 1 snapshots and the
     per-epoch records (also appended to `metrics` with the fields of `extra`)."""
@@ -319,6 +347,9 @@ def train_expert(
             forward, optimizer, tensors.images_train, tensors.labels_train, indices, args, generator
         )
         trajectory.append(snapshot_params(model))
+        # docs/algorithms.md#divergence-guard: a NaN expert is never kept, not even as a partial
+        check_finite("expert training", f"expert {k}, epoch {epoch}", advice,
+                     train_loss=loss, parameters=trajectory[-1])  # fmt: skip
         test_acc = None
         if args.test_every and (
             (epoch + 1) % args.test_every == 0 or epoch + 1 == args.train_epochs
@@ -354,6 +385,25 @@ def sidecar_meta(
     }  # fmt: skip
 
 
+def forget_epochs_of(metrics: MetricsLog, experts: set[int]) -> None:
+    """Drop the lines of experts about to be trained (again): an expert interrupted mid-way
+    starts over, and its epochs would otherwise appear twice."""
+    records = metrics.read()
+    kept = [r for r in records if r.get("expert") not in experts]
+    if len(kept) < len(records):
+        with atomic_write(metrics.path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def divergence_advice(args: argparse.Namespace, folder: Path) -> str:
+    """The fix for a diverged expert, one this script then accepts: the folder's files and
+    partial experts of the diverged rate stay, so a lower rate needs a folder of its own."""
+    advice = f"lower --lr_teacher (now {args.lr_teacher:g}), e.g. --lr_teacher 0.01"
+    if any(folder.glob("*.pt")) or any(folder.glob(".*.partial_*.pt")):
+        advice += f", with another --buffer_path ({folder} holds experts of this rate)"
+    return advice
+
+
 def check_compiler(device: torch.device) -> None:
     """--compile on CPU builds C++ kernels: say so before training instead of failing mid-run."""
     candidates = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "clang++"]
@@ -365,6 +415,11 @@ def check_compiler(device: torch.device) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
+    with contextlib.ExitStack() as held:  # the expert folder's lock, released however it ends
+        train_buffer(args, held)
+
+
+def train_buffer(args: argparse.Namespace, held: contextlib.ExitStack) -> None:
     # ---- arguments ---------------------------------------------------------------------------
     check_args(args)
     rank, world = rank_and_world()
@@ -372,6 +427,10 @@ def main(args: argparse.Namespace) -> None:
     if args.compile:
         check_compiler(device)
     index_path = index_file_path(args) if args.sort_method else None
+    folder = expert_dir(args.buffer_path, args.dataset, args.model, args.zca, args.subset, args.res)
+    prepare_output_dir(folder, "--buffer_path")
+    # docs/formats.md#locks: one process (per rank) per expert folder
+    held.enter_context(hold_lock(lock_path(folder, rank), f"expert folder {folder}"))
 
     # ---- set-up: data, curriculum order, and the experts already on disk ---------------------
     data = get_dataset(
@@ -380,6 +439,7 @@ def main(args: argparse.Namespace) -> None:
     )  # fmt: skip
     order = None
     if index_path:
+        check_index_provenance(args, index_path)
         order = load_index_file(
             index_path, data.labels_train, dataset=args.dataset, subset=args.subset
         )
@@ -387,8 +447,6 @@ def main(args: argparse.Namespace) -> None:
         list(p.shape)
         for p in get_network(args.model, data.channel, data.num_classes, data.im_size).parameters()
     ]
-    folder = expert_dir(args.buffer_path, args.dataset, args.model, args.zca, args.subset, args.res)
-    folder.mkdir(parents=True, exist_ok=True)
     settings = run_settings(args, data, order)
     jobs = plan_files(folder, args.num_experts, settings, shapes, rank, world)
     if rank == 0:
@@ -404,13 +462,16 @@ def main(args: argparse.Namespace) -> None:
         data.images_test.to(device), data.labels_test.to(device),
     )  # fmt: skip
     metrics = MetricsLog(folder / "metrics.jsonl")
+    if world == 1:  # with more ranks the others append meanwhile: their lines are left alone
+        forget_epochs_of(metrics, {k for _, k in todo})
     meta = sidecar_meta(settings, shapes, rank, world, device, index_path)
 
     # ---- the loop: one expert at a time, kept as soon as it is finished ----------------------
     for job, k in progress_bar(todo, desc="experts"):
         start = time.perf_counter()
         extra = {"file": job.number, "rank": rank}
-        trajectory, records = train_expert(k, data, tensors, order, args, metrics, extra)
+        advice = divergence_advice(args, folder)
+        trajectory, records = train_expert(k, data, tensors, order, args, metrics, extra, advice)
         written = finish_expert(folder, job, k, trajectory, meta)
         if written is not None:
             tqdm.write(f"wrote {written} ({len(job.experts)} experts)")

@@ -47,7 +47,17 @@ from tqdm import tqdm  # noqa: E402
 from utils.config import HelpFormatter, add_bool_flag  # noqa: E402
 from utils.data import Data, get_dataset  # noqa: E402
 from utils.difficulty import METHODS, SCORE_FUNCTIONS, rank_by_class  # noqa: E402
-from utils.io import UserError, load_pt, run_main, save_json, save_pt  # noqa: E402
+from utils.guard import check_finite  # noqa: E402
+from utils.io import (  # noqa: E402
+    UserError,
+    load_pt,
+    prepare_output_file,
+    remove_temporaries,
+    run_main,
+    save_json,
+    save_pt,
+)
+from utils.locks import hold_lock  # noqa: E402
 from utils.networks import check_model_names, get_network  # noqa: E402
 from utils.progress import progress_bar  # noqa: E402
 from utils.runtime import AMP_MODES, repo_root, resolve_device, seed_everything  # noqa: E402
@@ -96,10 +106,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> Path:
+    with contextlib.ExitStack() as held:  # the index file's lock, released however it ends
+        return rank_images(args, held)
+
+
+def rank_images(args: argparse.Namespace, held: contextlib.ExitStack) -> Path:
     args.method = check_args(args)
     device = resolve_device(args.device)
     name = args.name or default_name(args)
     target = Path(args.out).expanduser() / f"{name}.pt"
+    prepare_output_file(target, "--out")
+    # docs/formats.md#locks: one process per index file (and its partial scores)
+    held.enter_context(hold_lock(target.parent / f".{name}.lock", f"index file {target}"))
     if target.exists() and not args.overwrite:
         raise UserError(f"{target} exists: pass --overwrite to replace it, or --name to add one")
     data = get_dataset(
@@ -110,11 +128,13 @@ def main(args: argparse.Namespace) -> Path:
 
     config = scoring_config(args, data)
     partial = target.parent / f".{name}.partial"
-    key = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+    remove_temporaries(partial, "repeat_*")  # writes a kill cut short
+    held.callback(remove_if_unused, partial)
     start = time.perf_counter()
     per_repeat, runs = [], []
     for k in progress_bar(range(args.repeat), desc="repeats"):
-        scores, run = scored_repeat(args, data, k, device, partial / f"repeat_{k}-{key}.pt", config)
+        saved = partial_file(partial, k, config)
+        scores, run = scored_repeat(args, data, k, device, saved, config)
         per_repeat.append(scores)
         runs.append(run)
     per_repeat = torch.stack(per_repeat)  # [repeat, N]
@@ -177,6 +197,13 @@ def check_args(args: argparse.Namespace) -> str:
     return methods[args.method.lower()]
 
 
+STAGE = "difficulty scoring"
+
+
+def advice(args: argparse.Namespace) -> str:
+    return f"nothing was written; rerun with a lower --lr (now {args.lr:g}), e.g. --lr 0.01"
+
+
 def default_name(args: argparse.Namespace) -> str:
     if args.dataset == "ImageNet":
         return f"ImageNet_{args.subset}_{args.method}"
@@ -219,12 +246,39 @@ def scoring_config(args: argparse.Namespace, data: Data) -> dict:
     }
 
 
+def remove_if_unused(partial: Path) -> None:
+    """However the run ends, no partial folder without a finished repeat stays behind."""
+    if partial.is_dir() and not any(partial.glob("repeat_*.pt")):
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def partial_file(partial: Path, k: int, config: dict) -> Path:
+    """Where repeat k's scores wait; the name carries a digest of the configuration, so a rerun
+    with other settings never reuses them."""
+    key = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+    return partial / f"repeat_{k}-{key}.pt"
+
+
+def read_partial(saved: Path, k: int, n: int) -> dict:
+    """A finished repeat: {"scores": float [n], "run": dict}; anything else names the file."""
+    content = load_pt(saved, what=f"partial scores of repeat {k}")
+    scores = content.get("scores") if isinstance(content, dict) else None
+    if not (isinstance(scores, torch.Tensor) and scores.shape == (n,)) or not isinstance(
+        content.get("run"), dict
+    ):
+        raise UserError(
+            f"{saved} is not a partial score file of this script (expected {{'scores': [{n}], "
+            "'run': ...}}): delete it, and the repeat is computed again"
+        )
+    return content
+
+
 def scored_repeat(
     args: argparse.Namespace, data: Data, k: int, device: torch.device, saved: Path, config: dict
 ) -> tuple[torch.Tensor, dict]:
     """Scores [N] of repeat k: reused from its partial file, or trained, scored and saved."""
     if saved.exists():
-        content = load_pt(saved, what=f"partial scores of repeat {k} (delete it to redo)")
+        content = read_partial(saved, k, len(data.labels_train))
         tqdm.write(f"repeat {k}: reused the scores in {saved}")
         return content["scores"], {**content["run"], "reused": True}
     seed = args.seed + 5 * k  # DeepCore: run k uses seed + 5k
@@ -235,11 +289,7 @@ def scored_repeat(
     loss, acc = train(model, images, labels, args, desc=f"repeat {k}")
     trained = time.perf_counter()
     scores = SCORE_FUNCTIONS[args.method](model, images, labels, args.batch)
-    if not torch.isfinite(scores).all():
-        raise UserError(
-            f"repeat {k}: non-finite {args.method} scores, training diverged (final loss {loss}); "
-            "lower --lr"
-        )
+    check_finite(STAGE, f"repeat {k}", advice(args), **{f"{args.method}_scores": scores})
     run = {
         "repeat": k,
         "seed": seed,
@@ -272,7 +322,7 @@ def train(
     model.train()
     loss, acc = None, None
     epochs = progress_bar(range(args.epochs), desc=desc, leave=False)
-    for _ in epochs:
+    for epoch in epochs:
         permutation = torch.randperm(len(images)).to(images.device)
         loss_sum = torch.zeros((), device=images.device)
         correct = torch.zeros((), dtype=torch.int64, device=images.device)
@@ -288,6 +338,9 @@ def train(
             loss_sum += batch_loss.detach().float() * len(y)
             correct += (logits.argmax(dim=1) == y).sum()
         loss, acc = loss_sum.item() / len(images), correct.item() / len(images)
+        # docs/algorithms.md#divergence-guard: stop at the epoch it happens, not after all of them
+        where = f"{desc}, epoch {epoch}"
+        check_finite(STAGE, where, advice(args), train_loss=loss, parameters=model.parameters())
         epochs.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}")
     return loss, acc
 

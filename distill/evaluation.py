@@ -61,8 +61,18 @@ from utils.evaluate import (  # noqa: E402
     random_real_set,
     resolve_amp,
 )
-from utils.io import UserError, atomic_write, load_json, load_pt, run_main, save_json  # noqa: E402
+from utils.io import (  # noqa: E402
+    UserError,
+    atomic_write,
+    load_json,
+    load_pt,
+    load_yaml,
+    prepare_output_file,
+    run_main,
+    save_json,
+)
 from utils.networks import check_model_names  # noqa: E402
+from utils.provenance import check_provenance  # noqa: E402
 from utils.runtime import rank_and_world, rank_device  # noqa: E402
 from utils.scores import SCORE_ROWS, check_full_accuracy, robust_scores  # noqa: E402
 from utils.tables import markdown_table, mean_std, text_table  # noqa: E402
@@ -174,6 +184,20 @@ def load_tensor(path: str, what: str) -> Tensor:
     if not isinstance(value, Tensor):
         raise UserError(f"{what} {path} holds a {type(value).__name__}: expected one tensor")
     return value.detach()  # the authors save labels with requires_grad
+
+
+def check_set_provenance(args: argparse.Namespace) -> None:
+    """A set distilled here lies in `<run>/Normal/`, beside the run's config.yaml: it must be
+    evaluated on the data set and ZCA it was distilled with (docs/formats.md#provenance-checks)."""
+    images = Path(args.data_dir)
+    config = images.absolute().parent.parent / "config.yaml"
+    recorded = load_yaml(config, what="run config") if config.is_file() else None
+    wanted = {"dataset": args.dataset, "zca": args.zca}
+    if args.dataset == "ImageNet":
+        wanted["subset"] = args.subset
+    fix = "evaluate with the run's --dataset and --zca"
+    recorded = recorded if isinstance(recorded, dict) else None
+    check_provenance(images, "distilled set", config, recorded, wanted, fix)
 
 
 def load_lr(args: argparse.Namespace) -> float | Tensor:
@@ -355,10 +379,15 @@ def main(args: argparse.Namespace) -> dict:
     # resolved once: every evaluation of this run (set, Random, scores) uses the same speed options
     args.amp = amp = resolve_amp(args.amp, device, "--amp")
     args.compile = compiled = resolve_compile(args.compile, device)
+    out = output_path(args)
+    if rank == 0:  # before the (long) training, not after it
+        prepare_output_file(out, "--out")
     if args.random_ipc is None:  # read the small files before the (slow) data set
         images = load_tensor(args.data_dir, "images file (--data_dir)")
         labels = load_tensor(args.label_dir, "labels file (--label_dir)")
     lr = load_lr(args)
+    if args.random_ipc is None:
+        check_set_provenance(args)
     data = get_dataset(args.dataset, args.data_path, subset=args.subset, zca=args.zca,
                        max_per_class=args.max_per_class,
                        val_per_class=args.val_per_class)  # fmt: skip

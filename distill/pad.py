@@ -31,6 +31,7 @@ the resumed command line (e.g. a lower `--lr_img` after a divergence) replace th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -48,9 +49,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.compiled import resolve_compile  # noqa: E402
 from utils.config import DEFAULTS, parse_config_args, save_config  # noqa: E402
-from utils.data import Data, get_dataset  # noqa: E402
+from utils.data import Data, check_dataset_name, get_dataset  # noqa: E402
 from utils.evaluate import eval_pool, evaluate_synset, resolve_amp  # noqa: E402
-from utils.io import UserError, atomic_write, load_pt, run_main, save_json, save_pt  # noqa: E402
+from utils.guard import SkipCounter, check_bound, check_finite, trailing_skips  # noqa: E402
+from utils.io import (  # noqa: E402
+    UserError,
+    atomic_write,
+    load_pt,
+    prepare_output_dir,
+    run_main,
+    save_json,
+    save_pt,
+)
+from utils.locks import hold_lock, lock_path  # noqa: E402
 from utils.matching import (  # noqa: E402
     InnerSteps,
     Mask,
@@ -61,9 +72,16 @@ from utils.matching import (  # noqa: E402
     make_step_options,
     match_trajectory,
 )
-from utils.networks import get_network  # noqa: E402
+from utils.networks import check_model_names, get_network  # noqa: E402
 from utils.progress import progress_bar  # noqa: E402
-from utils.runtime import get_rng_state, resolve_device, seed_everything, set_rng_state  # noqa: E402
+from utils.provenance import check_provenance  # noqa: E402
+from utils.runtime import (  # noqa: E402
+    get_rng_state,
+    rank_and_world,
+    resolve_device,
+    seed_everything,
+    set_rng_state,
+)
 from utils.synset import (  # noqa: E402
     PIX_INITS,
     StartEpochSchedule,
@@ -87,6 +105,7 @@ from utils.trajectory import (  # noqa: E402
     list_expert_files,
     load_expert_file,
     load_sidecar,
+    sidecar_path,
 )
 from utils.unroll_memory import MemoryChoice, check_memory_settings, choose_memory  # noqa: E402
 from utils.validation import check_experts_disjoint, selections, update_best  # noqa: E402
@@ -100,6 +119,11 @@ CHECKPOINT_VERSION = 1
 
 def main(mask_name: str, argv: list[str] | None = None) -> dict:
     """Distill with PAD's mask `mask_name` ("depth" or "loss"); returns a summary of the run."""
+    with contextlib.ExitStack() as held:  # the run folder's lock, released however it ends
+        return distill(mask_name, argv, held)
+
+
+def distill(mask_name: str, argv: list[str] | None, held: contextlib.ExitStack) -> dict:
     # ---- arguments ---------------------------------------------------------------------------
     cfg = parse_config_args(
         argv, description=f"PAD distillation, {mask_name} mask (docs/algorithms.md#distillation)"
@@ -113,13 +137,16 @@ def main(mask_name: str, argv: list[str] | None = None) -> dict:
     schedule = StartEpochSchedule.from_config(cfg)
     schedule.validate(cfg.Iteration)
     run_dir = run_folder(cfg, mask.name)
-    checkpoint = read_checkpoint(run_dir, cfg, mask.name) if cfg.resume else None
-    if checkpoint is None:
-        refuse_existing_run(run_dir)
     folder = expert_dir(cfg.buffer_path, cfg.dataset, cfg.model, cfg.zca, cfg.subset, cfg.res)
     files = list_expert_files(folder)
     if not files:
         raise UserError(no_experts_message(cfg, folder))
+    prepare_output_dir(run_dir, "--out_dir")
+    # docs/formats.md#locks: one process per run folder, before its files are read or written
+    held.enter_context(hold_lock(lock_path(run_dir, rank_and_world()[0]), f"run folder {run_dir}"))
+    checkpoint = read_checkpoint(run_dir, cfg, mask.name) if cfg.resume else None
+    if not cfg.resume:
+        refuse_existing_run(run_dir)
     device = resolve_device(cfg.device)
     step_options = make_step_options(cfg.amp, cfg.channels_last, cfg.compile, device)
     eval_speed = evaluation_speed(cfg, device)  # checked once, before the set-up
@@ -245,6 +272,7 @@ class Run:
     tracker: Tracker
     progress: Progress
     eval_models: list[str]
+    skips: SkipCounter
 
 
 @dataclass
@@ -269,6 +297,8 @@ def check_settings(cfg: SimpleNamespace) -> None:
     (docs/hyperparameters.md#distillation-config-keys); the mask ratio, syn_steps and batch_syn are
     checked by make_mask and InnerSteps."""
     check_memory_settings(cfg.memory, cfg.memory_budget_gb, cfg.hybrid_kept_steps)
+    check_dataset_name(cfg.dataset)  # before the expert folder, which is named after them
+    check_model_names([cfg.model], what="model")
     check_choice("pix_init", cfg.pix_init, PIX_INITS)
     minimums = {
         "expert_epochs": 1,
@@ -283,6 +313,22 @@ def check_settings(cfg: SimpleNamespace) -> None:
     for key, minimum in minimums.items():
         if getattr(cfg, key) < minimum:
             raise UserError(f"{key}={getattr(cfg, key)}: expected at least {minimum}")
+    ranges = [
+        (cfg.lr_teacher > 0, f"lr_teacher={cfg.lr_teacher}: expected a learning rate > 0"),
+        *[
+            (getattr(cfg, key) >= 0, f"{key}={getattr(cfg, key)}: expected a learning rate >= 0")
+            for key in ("lr_img", "lr_lr", "lr_y")
+        ],
+        (0 <= cfg.Momentum_y < 1, f"Momentum_y={cfg.Momentum_y}: expected a momentum in [0, 1)"),
+        (cfg.threshold >= 0, f"threshold={cfg.threshold}: expected a matching loss >= 0"),
+        (
+            cfg.max_skipped is None or cfg.max_skipped >= 1,
+            f"max_skipped={cfg.max_skipped}: expected at least 1 (or null for no limit)",
+        ),
+    ]
+    for ok, message in ranges:
+        if not ok:  # NaN fails every comparison, so it is refused too
+            raise UserError(message)
     if cfg.texture:
         raise UserError("texture=True: texture distillation is not part of PAD; set it to False")
 
@@ -313,8 +359,8 @@ def refuse_existing_run(run_dir: Path) -> None:
         )
     if (run_dir / "metrics.jsonl").exists():
         raise UserError(
-            f"{run_dir} holds a run that stopped before its first checkpoint: delete that "
-            "folder, or give this run another --name"
+            f"{run_dir} holds a run that stopped before its first checkpoint: start it again "
+            "from iteration 0 with --resume true, or give this run another --name"
         )
 
 
@@ -374,12 +420,30 @@ def open_experts(
         mmap=True,
     )
     for path in sampler.files:  # memory-mapped: only the lists of snapshots are read
+        check_expert_provenance(cfg, path)
         experts = load_expert_file(path, mmap=True)[: cfg.max_experts]
         shortest = min(len(expert) for expert in experts)
         check_trajectory_length(cfg.max_start_epoch, cfg.expert_epochs, shortest, path)
     if data.split is not None:  # docs/evaluation.md#validation-split
         check_experts_disjoint([(path, load_sidecar(path)) for path in sampler.files], data.split)
     return student, sampler
+
+
+def check_expert_provenance(cfg: SimpleNamespace, path: Path) -> None:
+    """Experts made for another data set, ZCA or max_per_class are refused
+    (docs/formats.md#provenance-checks); the authors' files (no sidecar) only warn."""
+    meta = load_sidecar(path)
+    recorded = meta.get("settings") if isinstance(meta, dict) else None
+    wanted = {key: getattr(cfg, key) for key in ("dataset", "model", "zca", "max_per_class")}
+    if getattr(cfg, "val_per_class", 0):  # experts then train on fewer images per class, which
+        del wanted["max_per_class"]  # check_experts_disjoint compares with the held-out ones
+    if cfg.dataset == "ImageNet":
+        wanted.update(subset=cfg.subset, res=cfg.res)
+    fix = (
+        "use experts trained with this run's settings (buffer/buffer_CL.py with the same "
+        f"--{' --'.join(wanted)}), or distill with theirs"
+    )
+    check_provenance(path, "expert file", sidecar_path(path), recorded, wanted, fix)
 
 
 def open_run(
@@ -393,7 +457,7 @@ def open_run(
     """The run folder with this run's config, its metrics log and the evaluation models."""
     (run_dir / "Normal").mkdir(parents=True, exist_ok=True)
     save_config({key: getattr(cfg, key) for key in DEFAULTS}, run_dir / "config.yaml")
-    if checkpoint is not None:
+    if cfg.resume and (run_dir / "metrics.jsonl").exists():  # next_iteration 0: forget all
         drop_metrics_from(run_dir / "metrics.jsonl", progress.next_iteration)
     tracker = Tracker(
         run_dir, wandb_mode=cfg.wandb, project=cfg.project, name=run_dir.name, config=vars(cfg)
@@ -404,7 +468,8 @@ def open_run(
     if data.split is not None:
         print(f"validation: the last {cfg.val_per_class} train images of each class "
               f"({len(data.labels_val)} in all) choose images_best")  # fmt: skip
-    return Run(cfg, data, device, run_dir, tracker, progress, eval_models)
+    skips = skip_counter(cfg, progress)
+    return Run(cfg, data, device, run_dir, tracker, progress, eval_models, skips)
 
 
 # ---- the synthetic set (docs/algorithms.md#the-synthetic-set) ------------------------------------
@@ -502,6 +567,7 @@ def distill_step(
     start_epoch = matcher.schedule.sample(it, generators["start_epoch"])  # step 2
     w_start = flatten_params(trajectory[start_epoch]).to(run.device)  # step 3
     target = flatten_params(trajectory[start_epoch + cfg.expert_epochs]).to(run.device)
+    check_expert_segment(matcher.sampler, start_epoch, w_start, target)
     plan = matcher.inner_steps.plan(len(syn.image_syn), run.data.im_size, generators["inner_steps"])
     for optimizer in optimizers.values():
         optimizer.zero_grad(set_to_none=True)
@@ -511,12 +577,12 @@ def distill_step(
         mask=matcher.mask, memory=matcher.memory.mode, kept_steps=matcher.memory.kept_steps,
         threshold=cfg.threshold, options=matcher.step_options,
     )  # fmt: skip
-    if not math.isfinite(result.loss):
-        raise diverged(run, it, f"the matching loss is {result.loss}")
+    guard_loss(run, it, result.loss)
     if not result.skipped:  # step 6: update only when loss <= threshold
         for optimizer in optimizers.values():
             optimizer.step()
-        check_finite(run, it, syn)
+        guard_synset(run, it, syn)
+    run.skips.update(result.skipped, f"iteration {it}")
     return result, start_epoch
 
 
@@ -655,27 +721,70 @@ def drop_metrics_from(path: Path, next_iteration: int) -> None:
         tmp.write_text("".join(json.dumps(record) + "\n" for record in kept))
 
 
-# ---- divergence guard --------------------------------------------------------------------------
+# ---- divergence guard (docs/algorithms.md#divergence-guard) ------------------------------------
+
+STAGE = "distillation"
+BOUND = 1e4  # |x| beyond this after normalisation is a blow-up, not an image or a logit
+SETTING_OF = {"synthetic images": "lr_img", "soft labels": "lr_y", "learned syn_lr": "lr_lr"}
 
 
-def diverged(run: Run, it: int, what: str) -> UserError:
+def fix(run: Run, *keys: str) -> str:
+    """Advice the program accepts: lower the named rates and rerun with --resume true, which
+    continues from the last checkpoint (whose rates the command line replaces) or, without one,
+    starts again from iteration 0."""
+    lower = " or ".join(f"--{key} (now {getattr(run.cfg, key):g})" for key in keys)
     checkpoint = run.dir / "checkpoint.pt"
-    last = f"the last good checkpoint is {checkpoint}" if checkpoint.exists() else "no checkpoint"
-    return UserError(
-        f"distillation diverged at iteration {it}: {what}; nothing of this iteration was saved "
-        f"({last}); lower lr_img (now {run.cfg.lr_img:g}) and start again, or continue with "
-        "--resume true and a lower --lr_img"
-    )
+    start = f"from {checkpoint}" if checkpoint.exists() else "from iteration 0: no checkpoint yet"
+    return f"nothing of it was saved; rerun with --resume true ({start}) and a lower {lower}"
 
 
-def check_finite(run: Run, it: int, syn: SynSet) -> None:
+def guard_loss(run: Run, it: int, loss: float) -> None:
+    """A non-finite matching loss before any update comes from the students' learning rate
+    (lr_teacher); after updates, from one of the three rates."""
+    if math.isfinite(loss):
+        return
+    advice = fix(run, "lr_img", "lr_y", "lr_lr")
+    if run.progress.skipped == run.progress.next_iteration:  # no update yet: the initial set
+        advice = fix(run, "lr_teacher")
+        if (run.dir / "checkpoint.pt").exists():  # its syn_lr is saved: lr_teacher acts no more
+            advice = (
+                f"nothing was saved; start again with another --name and a lower --lr_teacher "
+                f"(now {run.cfg.lr_teacher:g})"
+            )
+    check_finite(STAGE, f"iteration {it}", advice, matching_loss=loss)
+
+
+def guard_synset(run: Run, it: int, syn: SynSet) -> None:
+    """After an update: finite and within BOUND, else stop naming the rate of that tensor."""
     for name, tensor in (
-        ("images", syn.image_syn),
-        ("labels", syn.label_syn),
-        ("learning rate", syn.syn_lr),
+        ("synthetic images", syn.image_syn),
+        ("soft labels", syn.label_syn),
+        ("learned syn_lr", syn.syn_lr),
     ):
-        if not torch.isfinite(tensor).all():
-            raise diverged(run, it, f"the synthetic {name} are not finite after the update")
+        advice = fix(run, SETTING_OF[name])
+        check_finite(STAGE, f"iteration {it}", advice, **{name.replace(" ", "_"): tensor})
+        if name != "learned syn_lr":
+            check_bound(STAGE, f"iteration {it}", advice, BOUND, **{name.replace(" ", "_"): tensor})
+
+
+def check_expert_segment(sampler: ExpertSampler, start: int, w_start: Tensor, target: Tensor):
+    """A NaN in the experts is the expert file's fault, not the run's: name the file."""
+    if not (torch.isfinite(w_start).all() and torch.isfinite(target).all()):
+        where = sampler.current_file or "the expert files (load_all)"
+        raise UserError(
+            f"expert file {where} holds non-finite parameters (snapshots {start} and later): "
+            "train those experts again (buffer/buffer_CL.py with a lower --lr_teacher)"
+        )
+
+
+def skip_counter(cfg: SimpleNamespace, progress: Progress) -> SkipCounter:
+    advice = (
+        f"every update was refused by threshold={cfg.threshold:g}: raise threshold, or lower "
+        f"--lr_img (now {cfg.lr_img:g}) and rerun with --resume true (max_skipped="
+        f"{cfg.max_skipped} sets the limit)"
+    )
+    consecutive = trailing_skips(progress.history["skipped"])
+    return SkipCounter(STAGE, cfg.max_skipped, advice, consecutive)
 
 
 # ---- checkpoints and signals -------------------------------------------------------------------
@@ -717,13 +826,13 @@ def identity(cfg: SimpleNamespace, mask: str) -> dict:
     return {"mask": mask, **{key: getattr(cfg, key) for key in IDENTITY_KEYS}}
 
 
-def read_checkpoint(run_dir: Path, cfg: SimpleNamespace, mask: str) -> dict:
+def read_checkpoint(run_dir: Path, cfg: SimpleNamespace, mask: str) -> dict | None:
+    """The checkpoint to continue from; None (start from iteration 0, saying so) when the run
+    stopped before its first one or never started."""
     path = run_dir / "checkpoint.pt"
     if not path.exists():
-        raise UserError(
-            f"--resume true but there is no checkpoint at {path}: start without --resume, or "
-            "give the --name / --out_dir of the run to continue"
-        )
+        print(f"--resume true: no checkpoint at {path} yet; starting from iteration 0")
+        return None
     checkpoint = load_pt(path, what="checkpoint")
     if not isinstance(checkpoint, dict) or checkpoint.get("version") != CHECKPOINT_VERSION:
         raise UserError(f"{path} is not a checkpoint of this version of distill/pad.py")

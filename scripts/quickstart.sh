@@ -14,15 +14,24 @@ REPO="$(cd "$(dirname "$0")/.." && pwd)"
 fail() { echo "error: $*" >&2; exit 2; }
 
 dataset=FashionMNIST data_path="" out="" device=auto
+# value FLAG ARGS...: the value after FLAG, or one clear line when there is none.
+value() {
+  local example=DIR
+  case "$1" in --dataset) example=CIFAR10 ;; --device) example=cpu ;; esac
+  [ $# -ge 2 ] && [ -n "$2" ] && [ "${2#--}" = "$2" ] || fail "$1 needs a value (e.g. $1 $example)"
+  printf '%s' "$2"
+}
 while [ $# -gt 0 ]; do
   case "$1" in
-    --dataset) dataset=${2:-}; shift 2 ;;
+    --dataset|--data_path|--out|--device)
+      v=$(value "$@") || exit 2
+      case "$1" in
+        --dataset) dataset=$v ;; --data_path) data_path=$v ;; --out) out=$v ;; --device) device=$v ;;
+      esac
+      shift 2 ;;
     --dataset=*) dataset=${1#*=}; shift ;;
-    --data_path) data_path=${2:-}; shift 2 ;;
     --data_path=*) data_path=${1#*=}; shift ;;
-    --out) out=${2:-}; shift 2 ;;
     --out=*) out=${1#*=}; shift ;;
-    --device) device=${2:-}; shift 2 ;;
     --device=*) device=${1#*=}; shift ;;
     -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     *) fail "unknown option $1 (expected --dataset, --data_path, --out, --device)" ;;
@@ -89,10 +98,11 @@ stage experts "$PYTHON" buffer/buffer_CL.py --dataset "$dataset" --model ConvNet
   --device "$device" "${zca[@]}"
 
 run_dir="$out/logged_files/$dataset/1/ConvNetW32/quickstart/Normal"
-resume=false; [ -f "$run_dir/../checkpoint.pt" ] || [ -f "$run_dir/checkpoint.pt" ] && resume=true
+# --resume true in every case: it continues from the checkpoint, or starts from iteration 0 when
+# the folder is new or a run stopped before its first checkpoint.
 stage distill "$PYTHON" distill/PAD_depth.py --cfg "$config" --data_path "$data_path" \
   --buffer_path "$out/buffer_storage" --out_dir "$out/logged_files" --name quickstart \
-  --device "$device" --resume "$resume"
+  --device "$device" --resume true
 
 stage eval_random "$PYTHON" distill/evaluation.py --dataset "$dataset" --data_path "$data_path" \
   --model ConvNetW32 --random_ipc 1 --lr_net 0.01 --num_eval 5 --epoch_eval_train 300 \

@@ -173,8 +173,11 @@ KEYS: dict[str, Key] = {
             OURS),
         Key("checkpoint_it", 100, "int",
             "write checkpoint.pt every checkpoint_it iterations and at the end", OURS),
-        Key("resume", False, "bool", "continue the run of the same folder from its checkpoint.pt",
-            OURS),
+        Key("resume", False, "bool", "continue the run of the same folder from its checkpoint.pt "
+            "(a folder without one starts again from iteration 0)", OURS),
+        Key("max_skipped", 50, "int?",
+            "stop when this many consecutive iterations skip their update (loss above "
+            "threshold); null: never", OURS),
         Key("wandb", "off", "str",
             "wandb logging: off, offline or online (metrics.jsonl is always written)", OURS),
         Key("amp", "off", "str",

@@ -65,6 +65,17 @@ class Data:
         return images * std + mean
 
 
+def check_dataset_name(name: str) -> None:
+    """UserError for a name no loader knows, with the close matches (before any file is read)."""
+    if name not in LOADERS:
+        lowered = {known.lower(): known for known in DATASET_NAMES}
+        close = difflib.get_close_matches(name.lower(), lowered, n=2, cutoff=0.6)
+        hint = f" (did you mean {' or '.join(lowered[c] for c in close)}?)" if close else ""
+        raise UserError(
+            f"unknown data set {name!r}{hint}: expected one of {', '.join(DATASET_NAMES)}"
+        )
+
+
 def get_dataset(
     name: str,
     data_path: str,
@@ -79,13 +90,7 @@ def get_dataset(
     """Load `name` from `data_path` (docs/algorithms.md#data-and-zca-whitening); see the module
     docstring for caching. `val_per_class` > 0 holds out the last that many train images of every
     class as `images_val` (docs/evaluation.md#validation-split)."""
-    if name not in LOADERS:
-        lowered = {known.lower(): known for known in DATASET_NAMES}
-        close = difflib.get_close_matches(name.lower(), lowered, n=2, cutoff=0.6)
-        hint = f" (did you mean {' or '.join(lowered[c] for c in close)}?)" if close else ""
-        raise UserError(
-            f"unknown data set {name!r}{hint}: expected one of {', '.join(DATASET_NAMES)}"
-        )
+    check_dataset_name(name)
     if zca and name == "ImageNet":
         raise UserError(
             "zca=True with ImageNet: a 49,152-feature ZCA (a 9.7 GB covariance) is infeasible; "

@@ -226,9 +226,15 @@ def label_snapshots(files: Sequence[Path], timestamp: int, model: nn.Module) -> 
     for path in files:
         experts = load_expert_file(path, mmap=True)
         check_expert_shapes(experts[0], model, path)
-        for expert in experts:
+        for k, expert in enumerate(experts):
             index = snapshot_index(timestamp, len(expert), path)
             snapshots.append(flatten_params(expert[index]).clone())
+            if not torch.isfinite(snapshots[-1]).all():
+                raise UserError(
+                    f"expert file {path} holds non-finite parameters (expert {k}, snapshot "
+                    f"{index}): train those experts again (buffer/buffer_CL.py with a lower "
+                    "--lr_teacher)"
+                )
         del experts
     return snapshots
 

@@ -391,6 +391,11 @@ def load_partials(
         if not path.exists():
             continue
         state = load_pt(path, what="partial expert")
+        if not isinstance(state, dict) or not {"settings", "expert", "trajectory"} <= set(state):
+            raise UserError(
+                f"{path} is not a partial expert of buffer_CL.py (expected a dict with settings, "
+                "expert and trajectory): delete it, and that expert is trained again"
+            )
         if state["settings"] != settings or state["expert"] != k:
             raise UserError(
                 f"{path} was made with other settings "
