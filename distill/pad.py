@@ -48,7 +48,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.config import DEFAULTS, parse_config_args, save_config  # noqa: E402
 from utils.data import Data, get_dataset  # noqa: E402
-from utils.evaluate import eval_pool, evaluate_synset  # noqa: E402
+from utils.distributed import (  # noqa: E402
+    World,
+    folder_listing,
+    refuse_batch_statistics,
+    start_world,
+)
+from utils.evaluate import eval_pool, evaluate_models  # noqa: E402
 from utils.io import UserError, atomic_write, load_pt, run_main, save_pt  # noqa: E402
 from utils.matching import (  # noqa: E402
     MEMORY_MODES,
@@ -60,7 +66,13 @@ from utils.matching import (  # noqa: E402
     match_trajectory,
 )
 from utils.networks import get_network  # noqa: E402
-from utils.runtime import get_rng_state, resolve_device, seed_everything, set_rng_state  # noqa: E402
+from utils.runtime import (  # noqa: E402
+    get_rng_state,
+    rank_and_world,
+    rank_device,
+    seed_everything,
+    set_rng_state,
+)
 from utils.synset import (  # noqa: E402
     PIX_INITS,
     StartEpochSchedule,
@@ -75,7 +87,13 @@ from utils.synset import (  # noqa: E402
     noise_images,
     real_image_indices,
 )
-from utils.tracking import MetricsLog, Tracker, plot_curves, save_image_grid  # noqa: E402
+from utils.tracking import (  # noqa: E402
+    MetricsLog,
+    SilentTracker,
+    Tracker,
+    plot_curves,
+    save_image_grid,
+)
 from utils.trajectory import (  # noqa: E402
     ExpertSampler,
     check_expert_shapes,
@@ -113,53 +131,67 @@ def main(mask_name: str, argv: list[str] | None = None) -> dict:
     files = list_expert_files(folder)
     if not files:
         raise UserError(no_experts_message(cfg, folder))
-    device = resolve_device(cfg.device)
+    device = rank_device(cfg.device, rank_and_world()[1])
+    world = join_world(cfg, device, files, checkpoint)
 
     # ---- set-up ------------------------------------------------------------------------------
     seed_everything(cfg.seed)
     generators = purpose_generators(cfg.seed)
     data, indices_class = load_data(cfg)
     student, sampler = open_experts(cfg, files, data, device)
-    matcher = Matcher(student, sampler, schedule, inner_steps, mask, generators)
+    if world.active:
+        refuse_batch_statistics(student.model)
+    matcher = Matcher(world.student(student), sampler, schedule, inner_steps, mask, generators)
     eval_its = evaluation_iterations(cfg)
-    print(
-        f"PAD ({mask.name} mask, {ratio_key} {mask.ratio}): {cfg.dataset} IPC {cfg.ipc}, "
-        f"{cfg.model} ({student.num_params} parameters) on {device}; {len(files)} expert "
-        f"file(s) in {folder}"
-    )
+    if world.is_main:
+        print(
+            f"PAD ({mask.name} mask, {ratio_key} {mask.ratio}): {cfg.dataset} IPC {cfg.ipc}, "
+            f"{cfg.model} ({student.num_params} parameters) on {device}{world_text(world)}; "
+            f"{len(files)} expert file(s) in {folder}"
+        )
     syn = synthetic_set(cfg, checkpoint, data, indices_class, files, student, device, generators)
+    world.broadcast([syn.image_syn, syn.label_syn, syn.syn_lr])  # one start on every rank
     optimizers = synset_optimizers(cfg, syn)
     progress = Progress()
     if checkpoint is not None:
         restore(checkpoint, optimizers, generators, sampler, progress)
-    run = open_run(cfg, run_dir, checkpoint, data, device, progress)
+    run = open_run(cfg, run_dir, checkpoint, data, device, progress, world)
 
     # ---- the loop: it = 0 .. Iteration (docs/algorithms.md#one-iteration) ------------------------
+    # Under torchrun every rank runs this loop; rank 0 alone writes (#distributed-distillation).
     iterations = range(progress.next_iteration, cfg.Iteration + 1)
-    bar = tqdm(iterations, initial=iterations.start, total=cfg.Iteration + 1, disable=None)
+    bar = tqdm(
+        iterations, initial=iterations.start, total=cfg.Iteration + 1,
+        disable=None if world.is_main else True,
+    )  # fmt: skip
     with StopOnSignal() as stop:
         for it in bar:
             # docs/algorithms.md#evaluation-and-saving-cadence: before this iteration's update
             if it in eval_its:
                 improved = evaluate(run, it, syn)
                 numbered = improved or it % 1000 == 0 or it == eval_its[-1]
-                write_outputs(run, it, syn, best=improved, numbered=numbered)
+                if world.is_main:
+                    write_outputs(run, it, syn, best=improved, numbered=numbered)
             result, start_epoch = distill_step(run, matcher, it, syn, optimizers)  # steps 1-6
             log_step(run, it, result, start_epoch, syn)  # step 7
             if it % 10 == 0:
                 bar.set_postfix(loss=f"{result.loss:.4f}", start=start_epoch)
             due = (it + 1) % cfg.checkpoint_it == 0 or it == cfg.Iteration
-            if due or stop.signum is not None:
+            stopping = world.any(stop.signum is not None, device)  # all ranks stop together
+            if (due or stopping) and world.is_main:
                 state = checkpoint_state(run, mask.name, syn, optimizers, generators, sampler)
                 save_pt(state, run_dir / "checkpoint.pt")
-            if stop.signum is not None:
+            if stopping:
+                stop.signum = stop.signum or signal.SIGTERM
                 break
     bar.close()
     run.tracker.finish()
 
     # ---- outputs -----------------------------------------------------------------------------
-    plot_loss(run)
-    report(run, stop.signum)
+    if world.is_main:
+        plot_loss(run)
+        report(run, stop.signum)
+    world.close()
     return {
         "run_dir": run_dir,
         "best": progress.best,
@@ -226,6 +258,7 @@ class Run:
     tracker: Tracker
     progress: Progress
     eval_models: list[str]
+    world: World = field(default_factory=World)
 
 
 @dataclass
@@ -354,19 +387,48 @@ def open_run(
     data: Data,
     device: torch.device,
     progress: Progress,
+    world: World,
 ) -> Run:
-    """The run folder with this run's config, its metrics log and the evaluation models."""
+    """The run folder with this run's config, its metrics log and the evaluation models (rank 0
+    alone writes; the other ranks' tracker is silent)."""
+    eval_models = eval_pool(cfg.eval_mode, cfg.model, data.im_size)
+    if not world.is_main:
+        return Run(cfg, data, device, run_dir, SilentTracker(), progress, eval_models, world)
     (run_dir / "Normal").mkdir(parents=True, exist_ok=True)
-    save_config({key: getattr(cfg, key) for key in DEFAULTS}, run_dir / "config.yaml")
+    values = {key: getattr(cfg, key) for key in DEFAULTS}
+    save_config({**values, "world_size": world.size}, run_dir / "config.yaml")
     if checkpoint is not None:
         drop_metrics_from(run_dir / "metrics.jsonl", progress.next_iteration)
     tracker = Tracker(
         run_dir, wandb_mode=cfg.wandb, project=cfg.project, name=run_dir.name, config=vars(cfg)
     )
-    eval_models = eval_pool(cfg.eval_mode, cfg.model, data.im_size)
     resumed = f" (resumed at iteration {progress.next_iteration})" if checkpoint else ""
     print(f"outputs: {run_dir}{resumed}")
-    return Run(cfg, data, device, run_dir, tracker, progress, eval_models)
+    return Run(cfg, data, device, run_dir, tracker, progress, eval_models, world)
+
+
+def join_world(
+    cfg: SimpleNamespace, device: torch.device, files: list[Path], checkpoint: dict | None
+) -> World:
+    """torchrun's ranks (docs/algorithms.md#distributed-distillation), once every rank is known
+    to have the same config, expert files and checkpoint; a world of one otherwise."""
+    world = start_world(device, forced=cfg.distributed)
+    resumed_at = None if checkpoint is None else checkpoint["progress"]["next_iteration"]
+    facts = {
+        "config": {key: getattr(cfg, key) for key in DEFAULTS},
+        "expert files": folder_listing(files),
+        "checkpoint": resumed_at,
+    }
+    try:
+        world.check_same(facts)
+    except UserError:
+        world.close()
+        raise
+    return world
+
+
+def world_text(world: World) -> str:
+    return f" x {world.size} process(es), inner batches split" if world.active else ""
 
 
 # ---- the synthetic set (docs/algorithms.md#the-synthetic-set) ------------------------------------
@@ -465,6 +527,7 @@ def distill_step(
     w_start = flatten_params(trajectory[start_epoch]).to(run.device)  # step 3
     target = flatten_params(trajectory[start_epoch + cfg.expert_epochs]).to(run.device)
     plan = matcher.inner_steps.plan(len(syn.image_syn), run.data.im_size, generators["inner_steps"])
+    plan = run.world.shard(plan)  # this rank's rows (docs/algorithms.md#distributed-distillation)
     for optimizer in optimizers.values():
         optimizer.zero_grad(set_to_none=True)
     # steps 4-6: unroll, masked matching loss, gradients into the three tensors
@@ -472,6 +535,7 @@ def distill_step(
         matcher.student, syn.image_syn, syn.label_syn, syn.syn_lr, w_start, target, plan,
         mask=matcher.mask, memory=cfg.memory, threshold=cfg.threshold,
     )  # fmt: skip
+    run.world.sum_gradients(result, syn.image_syn, syn.label_syn)
     if not math.isfinite(result.loss):
         raise diverged(run, it, f"the matching loss is {result.loss}")
     if not result.skipped:  # step 6: update only when loss <= threshold
@@ -505,12 +569,13 @@ def evaluate(run: Run, it: int, syn: SynSet) -> bool:
         )
     improved = False
     tensors = syn.cpu()
+    ranks = (run.world.rank, run.world.size)  # the networks split across ranks, if several
     for name in run.eval_models:
-        result = evaluate_synset(
-            name, tensors["images"], tensors["labels"], lr, run.data,
+        (result,) = evaluate_models(
+            [name], tensors["images"], tensors["labels"], lr, run.data,
             epochs=cfg.epoch_eval_train, batch_train=cfg.batch_train, dsa=cfg.dsa,
             dsa_strategy=cfg.dsa_strategy, num_eval=cfg.num_eval, device=run.device,
-            seed=cfg.eval_seed + it, amp=cfg.amp,
+            seed=cfg.eval_seed + it, amp=cfg.amp, ranks=ranks,
         )  # fmt: skip
         best = run.progress.best.get(name)
         if best is None or result.mean > best["mean"]:
@@ -526,6 +591,8 @@ def evaluate(run: Run, it: int, syn: SynSet) -> bool:
                 "eval_seconds": result.seconds,
             },
         )
+        if not run.world.is_main:
+            continue
         tqdm.write(
             f"[it {it}] {name}: {result.mean:.2f}% +- {result.std:.2f} ({cfg.num_eval} net(s), "
             f"best {best['mean']:.2f}% at it {best['iteration']}); syn_lr {lr:.5f}; "

@@ -148,7 +148,8 @@ threshold loss_ratio depth_ratio record_loss Sequential_Generation expansion_end
 current_max_start_epoch init_frozen skip_first_eva parall_eva lr_lr res device
 Initialize_Label_With_Another_Model Initialize_Label_Model Initialize_Label_Model_Dir
 Label_Model_Timestamp""".split()
-OURS_ORDER = "seed memory checkpoint_it resume wandb amp max_per_class eval_seed out_dir".split()
+OURS_ORDER = """seed memory checkpoint_it resume wandb amp max_per_class eval_seed out_dir
+distributed world_size""".split()
 UNUSED = """lr_init batch_real canvas_size canvas_samples ema_decay record_loss init_frozen
 parall_eva Initialize_Label_Model_Dir""".split()
 

@@ -156,6 +156,12 @@ class InnerPlan:
 
     batches: list[Tensor]
     aug: list[DSAParams | None]
+    # A rank's shard of every step's batch (docs/algorithms.md#distributed-distillation): the
+    # fraction of the step's batch these rows are, which scales the step's loss. None: 1.
+    weights: list[float] | None = None
+
+    def step_weights(self) -> list[float | None]:
+        return [None] * len(self.batches) if self.weights is None else list(self.weights)
 
 
 @dataclass(frozen=True)
@@ -252,11 +258,17 @@ def match_trajectory(
 
 
 def _step_loss(
-    student: Student, w: Tensor, images: Tensor, labels: Tensor, aug: DSAParams | None
+    student: Student,
+    w: Tensor,
+    images: Tensor,
+    labels: Tensor,
+    aug: DSAParams | None,
+    weight: float | None = None,
 ) -> Tensor:
-    """Soft cross-entropy of one inner step on its (augmented) batch."""
+    """Soft cross-entropy of one inner step on its (augmented) batch, times `weight` if given."""
     x = images if aug is None else apply_dsa(images, aug)
-    return soft_cross_entropy(student(x, w), labels)
+    loss = soft_cross_entropy(student(x, w), labels)
+    return loss if weight is None else loss * weight
 
 
 def _skip(loss: Tensor, threshold: float | None) -> bool:
@@ -270,8 +282,8 @@ def _match_graph(
     # docs/algorithms.md#one-iteration step 4: every step's graph is kept (create_graph)
     # for one backward pass.
     w = w_start.clone().requires_grad_(True)
-    for idx, aug in zip(plan.batches, plan.aug, strict=True):
-        loss_i = _step_loss(student, w, image_syn[idx], label_syn[idx], aug)
+    for idx, aug, weight in zip(plan.batches, plan.aug, plan.step_weights(), strict=True):
+        loss_i = _step_loss(student, w, image_syn[idx], label_syn[idx], aug, weight)
         (g,) = torch.autograd.grad(loss_i, w, create_graph=True)
         w = w - syn_lr * g
     loss = matching_loss(w, w_start, target, mask)
@@ -296,13 +308,14 @@ def _match_recompute(
     grad_image = torch.zeros_like(images) if image_syn.requires_grad else None
     grad_label = torch.zeros_like(labels) if label_syn.requires_grad else None
     grad_lr = torch.zeros_like(lr) if syn_lr.requires_grad else None
+    weights = plan.step_weights()
 
     def step_graph(i: int, create_graph: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         idx, aug = plan.batches[i], plan.aug[i]
         w = ws[i].detach().requires_grad_(True)
         x = images[idx].requires_grad_(create_graph and grad_image is not None)
         y = labels[idx].requires_grad_(create_graph and grad_label is not None)
-        loss_i = _step_loss(student, w, x, y, aug)
+        loss_i = _step_loss(student, w, x, y, aug, weights[i])
         (g,) = torch.autograd.grad(loss_i, w, create_graph=create_graph)
         return g, w, x, y
 
