@@ -17,6 +17,8 @@ NAME is <DATASET>_<METHOD> (ImageNet: ImageNet_<subset>_<METHOD>) unless --name 
 defaults to the repository's data_indices/ folder, where buffer_CL.py --sort_method NAME looks.
 Each finished repeat is kept in <out>/.<NAME>.partial/ so that rerunning an interrupted command
 continues with the missing repeats; the folder is removed once the index file is written.
+Under `torchrun --nproc_per_node=K` repeat k runs on rank k mod K (seeded as in one process, so
+the same scores); rank 0 gathers them and writes the files.
 
 Example (CPU-sized: 2 min on a busy 2-core CPU, 40 s of CPU time; the first run on a data set
 also decodes and caches the images and fits ZCA, about 2 min more):
@@ -49,7 +51,14 @@ from utils.data import Data, get_dataset  # noqa: E402
 from utils.difficulty import METHODS, SCORE_FUNCTIONS, rank_by_class  # noqa: E402
 from utils.io import UserError, load_pt, run_main, save_json, save_pt  # noqa: E402
 from utils.networks import check_model_names, get_network  # noqa: E402
-from utils.runtime import AMP_MODES, repo_root, resolve_device, seed_everything  # noqa: E402
+from utils.runtime import (  # noqa: E402
+    AMP_MODES,
+    gather_objects,
+    rank_and_world,
+    rank_device,
+    repo_root,
+    seed_everything,
+)
 
 SCORE_DEFINITIONS = {
     "GraNd": "|softmax - onehot| * sqrt(1 + |h|^2), h = input of the last Linear (closed-form "
@@ -96,7 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(args: argparse.Namespace) -> Path:
     args.method = check_args(args)
-    device = resolve_device(args.device)
+    rank, world = rank_and_world()  # torchrun: the repeats are split across the ranks
+    device = rank_device(args.device, world)
     name = args.name or default_name(args)
     target = Path(args.out).expanduser() / f"{name}.pt"
     if target.exists() and not args.overwrite:
@@ -111,12 +121,15 @@ def main(args: argparse.Namespace) -> Path:
     partial = target.parent / f".{name}.partial"
     key = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
     start = time.perf_counter()
-    per_repeat, runs = [], []
-    for k in tqdm(range(args.repeat), desc="repeats", disable=None):
-        scores, run = scored_repeat(args, data, k, device, partial / f"repeat_{k}-{key}.pt", config)
-        per_repeat.append(scores)
-        runs.append(run)
-    per_repeat = torch.stack(per_repeat)  # [repeat, N]
+    mine = {}  # repeat k runs on rank k % world; a repeat's scores do not depend on the rank
+    for k in tqdm(range(rank, args.repeat, world), desc="repeats", disable=None):
+        saved = partial / f"repeat_{k}-{key}.pt"
+        mine[k] = scored_repeat(args, data, k, device, saved, config)
+    repeats = {k: result for share in gather_objects(mine, world) for k, result in share.items()}
+    if rank != 0:
+        return target  # rank 0 writes
+    per_repeat = torch.stack([repeats[k][0] for k in range(args.repeat)])  # [repeat, N]
+    runs = [repeats[k][1] for k in range(args.repeat)]
     mean_scores = per_repeat.double().mean(dim=0)
     # docs/formats.md#index-files
     order = rank_by_class(mean_scores, data.labels_train, data.num_classes)
@@ -133,6 +146,7 @@ def main(args: argparse.Namespace) -> Path:
         "score": SCORE_DEFINITIONS[args.method],
         "scores_file": scores_path.name,
         "device": str(device),
+        "world_size": world,
         "runs": runs,
         "seconds": round(time.perf_counter() - start, 2),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -5,6 +5,7 @@ The processes are started by the test with torch.multiprocessing; each writes wh
 a file the test reads back.
 """
 
+import json
 import os
 import socket
 
@@ -200,3 +201,34 @@ def test_mismatched_configs_stop_every_rank_with_exit_2(folder, tmp_path, capfd)
     err = capfd.readouterr().err
     assert err.count("the 2 processes disagree: rank 1's config differ") == 2
     assert "Traceback" not in err
+
+
+# ---- difficulty scores: the repeats split across ranks -------------------------------------------
+
+
+def _rank_difficulty_job(rank, argv):
+    from test_rank_difficulty import rank_difficulty
+
+    return str(rank_difficulty.main(rank_difficulty.parse_args(argv)))
+
+
+def test_rank_difficulty_splits_its_repeats_with_the_one_process_result(folder, tmp_path):
+    from test_rank_difficulty import rank_difficulty
+
+    def argv(out):
+        return [
+            "--dataset", "ImageFolder", "--data_path", str(folder / "data"), "--model",
+            "ConvNetW32", "--epochs", "1", "--repeat", "3", "--batch", "8", "--lr", "0.01",
+            "--device", "cpu", "--out", str(out), "--name", "tiny",
+        ]  # fmt: skip
+
+    one = rank_difficulty.main(rank_difficulty.parse_args(argv(tmp_path / "one")))
+    targets = run_ranks(_rank_difficulty_job, tmp_path, argv(tmp_path / "two"))
+    assert targets == [str(tmp_path / "two" / "tiny.pt")] * 2
+    assert torch.equal(load_pt(targets[0]), load_pt(one))
+    for key in ("scores", "per_repeat"):  # 3 repeats: ranks 0 and 1 ran 2 and 1
+        a = load_pt(tmp_path / "two" / "tiny.scores.pt")[key]
+        assert torch.equal(a, load_pt(tmp_path / "one" / "tiny.scores.pt")[key])
+    meta = json.loads((tmp_path / "two" / "tiny.json").read_text())
+    assert meta["world_size"] == 2 and [run["repeat"] for run in meta["runs"]] == [0, 1, 2]
+    assert not (tmp_path / "two" / ".tiny.partial").exists()
