@@ -416,8 +416,8 @@ def join_world(
     resumed_at = None if checkpoint is None else checkpoint["progress"]["next_iteration"]
     facts = {
         "config": {key: getattr(cfg, key) for key in DEFAULTS},
-        "expert files": folder_listing(files),
-        "checkpoint": resumed_at,
+        "expert folder listing": folder_listing(files),
+        "checkpoint iteration": resumed_at,
     }
     try:
         world.check_same(facts)

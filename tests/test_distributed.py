@@ -17,7 +17,7 @@ from test_pad import CLASSES, SIZE, argv, final_tensors, random_walk_experts, wr
 
 from distill import pad
 from utils.distributed import World, shard_rows, start_world
-from utils.io import load_pt, run_main, save_pt
+from utils.io import UserError, load_pt, run_main, save_pt
 from utils.matching import Student, match_trajectory, plan_inner_steps
 from utils.networks import ConvNet
 
@@ -199,7 +199,7 @@ def test_mismatched_configs_stop_every_rank_with_exit_2(folder, tmp_path, capfd)
     codes = run_ranks(_mismatch_job, tmp_path, pad_settings(folder, tmp_path, name="bad"))
     assert codes == [2, 2]
     err = capfd.readouterr().err
-    assert err.count("the 2 processes disagree: rank 1's config differ") == 2
+    assert err.count("the 2 processes disagree: rank 1's config seed differs from rank 0's") == 2
     assert "Traceback" not in err
 
 
@@ -232,3 +232,24 @@ def test_rank_difficulty_splits_its_repeats_with_the_one_process_result(folder, 
     meta = json.loads((tmp_path / "two" / "tiny.json").read_text())
     assert meta["world_size"] == 2 and [run["repeat"] for run in meta["runs"]] == [0, 1, 2]
     assert not (tmp_path / "two" / ".tiny.partial").exists()
+
+
+def _listing_job(rank):
+    world = start_world(torch.device("cpu"), forced=False)
+    listing = [("replay_buffer_0.pt", 100), ("replay_buffer_1.pt", 100 + rank)]
+    try:
+        world.check_same({"config": {"ipc": 10}, "expert folder listing": listing})
+    except UserError as exc:
+        return str(exc)
+    finally:
+        world.close()
+    return "no error"
+
+
+def test_different_expert_folders_are_named_on_every_rank(tmp_path):
+    messages = run_ranks(_listing_job, tmp_path)
+    expected = (
+        "the 2 processes disagree: rank 1's expert folder listing differs from rank 0's; start "
+        "every rank with the same config, expert folder and run folder"
+    )
+    assert messages == [expected] * 2

@@ -160,7 +160,10 @@ class World:
         listing) are not all rank 0's (docs/algorithms.md#distributed-distillation)."""
         if not self.active or self.size == 1:
             return
-        digests = {key: digest(value) for key, value in facts.items()}
+        digests = {}  # a dict's entries one by one, so that the message can name them
+        for key, value in facts.items():
+            entries = value.items() if isinstance(value, dict) else [(None, value)]
+            digests.update({" ".join(filter(None, (key, k))): digest(v) for k, v in entries})
         shares: list[Any] = [None] * self.size
         dist.all_gather_object(shares, digests)
         differing = [
@@ -170,9 +173,11 @@ class World:
             if share[key] != shares[0][key]
         ]
         if differing:
+            shown = ", ".join(differing[:5]) + (", ..." if len(differing) > 5 else "")
             raise UserError(
-                f"the {self.size} processes disagree: {', '.join(differing)} differ from rank "
-                "0's; start every rank with the same config, code and expert folder"
+                f"the {self.size} processes disagree: {shown} "
+                f"{'differs' if len(differing) == 1 else 'differ'} from rank 0's; start every "
+                "rank with the same config, expert folder and run folder"
             )
 
     def close(self) -> None:
