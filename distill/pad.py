@@ -23,6 +23,10 @@ iteration (the reference's rule) and at the last evaluation (ours). The run name
 default RANDOM becomes `<dataset>-IPC<ipc>-<mask>-s<seed>`, e.g. `CIFAR10-IPC10-depth-s42`.
 A folder that already holds a run is only continued with `--resume true`, never overwritten.
 
+Several processes: `torchrun --nproc_per_node=K PAD_depth.py --cfg ...` (or `--nnodes` across
+hosts) splits every inner step's synthetic batch across the K ranks, with the result of one
+process up to float rounding; rank 0 alone writes (docs/algorithms.md#distributed-distillation).
+
 Resume: `checkpoint.pt` is written every `checkpoint_it` iterations, at the end, and after the
 iteration during which SIGINT or SIGTERM arrived (a second signal stops at once). `--resume true`
 continues from it; on CPU the result equals that of an uninterrupted run. Learning rates given on
@@ -51,7 +55,6 @@ from utils.data import Data, get_dataset  # noqa: E402
 from utils.distributed import (  # noqa: E402
     World,
     folder_listing,
-    refuse_batch_statistics,
     start_world,
 )
 from utils.evaluate import eval_pool, evaluate_models  # noqa: E402
@@ -139,16 +142,10 @@ def main(mask_name: str, argv: list[str] | None = None) -> dict:
     generators = purpose_generators(cfg.seed)
     data, indices_class = load_data(cfg)
     student, sampler = open_experts(cfg, files, data, device)
-    if world.active:
-        refuse_batch_statistics(student.model)
     matcher = Matcher(world.student(student), sampler, schedule, inner_steps, mask, generators)
     eval_its = evaluation_iterations(cfg)
     if world.is_main:
-        print(
-            f"PAD ({mask.name} mask, {ratio_key} {mask.ratio}): {cfg.dataset} IPC {cfg.ipc}, "
-            f"{cfg.model} ({student.num_params} parameters) on {device}{world_text(world)}; "
-            f"{len(files)} expert file(s) in {folder}"
-        )
+        print(header(cfg, mask, student, device, world, files, folder))
     syn = synthetic_set(cfg, checkpoint, data, indices_class, files, student, device, generators)
     world.broadcast([syn.image_syn, syn.label_syn, syn.syn_lr])  # one start on every rank
     optimizers = synset_optimizers(cfg, syn)
@@ -160,37 +157,32 @@ def main(mask_name: str, argv: list[str] | None = None) -> dict:
     # ---- the loop: it = 0 .. Iteration (docs/algorithms.md#one-iteration) ------------------------
     # Under torchrun every rank runs this loop; rank 0 alone writes (#distributed-distillation).
     iterations = range(progress.next_iteration, cfg.Iteration + 1)
-    bar = tqdm(
-        iterations, initial=iterations.start, total=cfg.Iteration + 1,
-        disable=None if world.is_main else True,
-    )  # fmt: skip
+    quiet = None if world.is_main else True  # tqdm's None: shown on a terminal
+    bar = tqdm(iterations, initial=iterations.start, total=cfg.Iteration + 1, disable=quiet)
     with StopOnSignal() as stop:
         for it in bar:
             # docs/algorithms.md#evaluation-and-saving-cadence: before this iteration's update
             if it in eval_its:
                 improved = evaluate(run, it, syn)
                 numbered = improved or it % 1000 == 0 or it == eval_its[-1]
-                if world.is_main:
-                    write_outputs(run, it, syn, best=improved, numbered=numbered)
+                write_outputs(run, it, syn, best=improved, numbered=numbered)
             result, start_epoch = distill_step(run, matcher, it, syn, optimizers)  # steps 1-6
             log_step(run, it, result, start_epoch, syn)  # step 7
             if it % 10 == 0:
                 bar.set_postfix(loss=f"{result.loss:.4f}", start=start_epoch)
             due = (it + 1) % cfg.checkpoint_it == 0 or it == cfg.Iteration
-            stopping = world.any(stop.signum is not None, device)  # all ranks stop together
+            stopping = stop.agreed(world, device)  # all ranks stop after the same iteration
             if (due or stopping) and world.is_main:
                 state = checkpoint_state(run, mask.name, syn, optimizers, generators, sampler)
                 save_pt(state, run_dir / "checkpoint.pt")
             if stopping:
-                stop.signum = stop.signum or signal.SIGTERM
                 break
     bar.close()
     run.tracker.finish()
 
     # ---- outputs -----------------------------------------------------------------------------
-    if world.is_main:
-        plot_loss(run)
-        report(run, stop.signum)
+    plot_loss(run)
+    report(run, stop.signum)
     world.close()
     return {
         "run_dir": run_dir,
@@ -427,8 +419,22 @@ def join_world(
     return world
 
 
-def world_text(world: World) -> str:
-    return f" x {world.size} process(es), inner batches split" if world.active else ""
+def header(
+    cfg: SimpleNamespace,
+    mask: Mask,
+    student: Student,
+    device: torch.device,
+    world: World,
+    files: list[Path],
+    folder: Path,
+) -> str:
+    """The run's first line: what is distilled, where, from which experts."""
+    split = f" x {world.size} processes, inner batches split" if world.active else ""
+    return (
+        f"PAD ({mask.name} mask, {RATIO_KEYS[mask.name]} {mask.ratio}): {cfg.dataset} IPC "
+        f"{cfg.ipc}, {cfg.model} ({student.num_params} parameters) on {device}{split}; "
+        f"{len(files)} expert file(s) in {folder}"
+    )
 
 
 # ---- the synthetic set (docs/algorithms.md#the-synthetic-set) ------------------------------------
@@ -603,7 +609,10 @@ def evaluate(run: Run, it: int, syn: SynSet) -> bool:
 
 
 def write_outputs(run: Run, it: int, syn: SynSet, *, best: bool, numbered: bool) -> None:
-    """The reference's files (docs/formats.md#distilled-sets), image grids and the loss curve."""
+    """The reference's files (docs/formats.md#distilled-sets), image grids and the loss curve
+    (rank 0 only)."""
+    if not run.world.is_main:
+        return
     cfg, normal = run.cfg, run.dir / "Normal"
     tensors = syn.cpu()
     tags = ([str(it)] if numbered else []) + (["best"] if best else [])
@@ -623,8 +632,10 @@ def write_outputs(run: Run, it: int, syn: SynSet, *, best: bool, numbered: bool)
 
 
 def report(run: Run, signum: int | None) -> None:
-    """The last line: how the run ended, its best accuracies, where to find it."""
+    """The last line: how the run ended, its best accuracies, where to find it (rank 0)."""
     progress = run.progress
+    if not run.world.is_main:
+        return
     if signum is not None:
         print(
             f"stopped by {signal.Signals(signum).name} after iteration "
@@ -640,7 +651,7 @@ def report(run: Run, signum: int | None) -> None:
 
 def plot_loss(run: Run) -> None:
     history = run.progress.history
-    if history["iteration"]:
+    if history["iteration"] and run.world.is_main:
         series = {"matching loss": history["loss"], "start epoch": history["start_epoch"]}
         plot_curves(run.dir / "loss.png", history["iteration"], series, title=run.dir.name)
 
@@ -776,6 +787,13 @@ class StopOnSignal:
         self.restore()
         name = signal.Signals(signum).name
         tqdm.write(f"{name}: stopping after this iteration (again to stop at once)", sys.stderr)
+
+    def agreed(self, world: World, device: torch.device) -> bool:
+        """Whether a signal arrived on some rank (a plain run: on this process)."""
+        if world.any(self.signum is not None, device):
+            self.signum = self.signum or signal.SIGTERM
+            return True
+        return False
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():

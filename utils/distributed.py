@@ -109,7 +109,10 @@ class World:
         return self.rank == 0
 
     def student(self, student: Student) -> Student | ReplicatedStudent:
-        return ReplicatedStudent(student) if self.active else student
+        if not self.active:
+            return student
+        refuse_batch_statistics(student.model)
+        return ReplicatedStudent(student)
 
     def shard(self, plan: InnerPlan) -> InnerPlan:
         """This rank's rows of every step's batch, their DSA parameters and their share."""
