@@ -5,8 +5,10 @@ One iteration is `match_trajectory` (the unroll and the matching-loss gradient) 
 random data (10 classes, 3x32x32, DSA on, batch_syn = all), as in scripts/bench/distill_step.py.
 Both configurations run in one invocation, one after the other, each in fresh processes (gloo on
 the CPU). The communication share is the time rank 0 spends inside all-reduce calls, which
-includes waiting for the slower rank, over its iteration time. The gradients of the last
-iteration are compared between the two configurations (they must agree to float rounding).
+includes waiting for the slower rank, over its iteration time. CPU s/it is the CPU time of all
+the configuration's processes together (on a shared machine it varies less than wall time).
+The gradients of the last iteration are compared between the two configurations (they must
+agree to float rounding).
 
 On a CPU-only machine, K processes x 1 thread stand in for K GPUs with one process each: the
 question is whether splitting the inner batch costs more in communication than it gains.
@@ -76,7 +78,7 @@ def timed_iterations(args: argparse.Namespace, world: World, comm: list[float]) 
     """Seconds of each timed iteration, the all-reduce seconds within them, the last gradients."""
     student, w_start, images, labels, iterations = problem(args)
     student = world.student(student)
-    seconds, comm_seconds = [], []
+    seconds, cpu_seconds, comm_seconds = [], [], []
     for k, (target, plan) in enumerate(iterations):
         image_syn = images.clone().requires_grad_(True)
         label_syn = labels.clone().requires_grad_(True)
@@ -84,7 +86,7 @@ def timed_iterations(args: argparse.Namespace, world: World, comm: list[float]) 
         if world.active:
             torch.distributed.barrier()
         comm.clear()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         result = match_trajectory(
             student, image_syn, label_syn, syn_lr, w_start, target, world.shard(plan),
             memory=args.memory,
@@ -92,9 +94,10 @@ def timed_iterations(args: argparse.Namespace, world: World, comm: list[float]) 
         world.sum_gradients(result, image_syn, label_syn)
         if k >= args.warmup:
             seconds.append(time.perf_counter() - start)
+            cpu_seconds.append(time.process_time() - cpu_start)
             comm_seconds.append(sum(comm))
     grads = {"images": image_syn.grad, "labels": label_syn.grad, "lr": syn_lr.grad}
-    return {"seconds": seconds, "comm": comm_seconds, "grads": grads}
+    return {"seconds": seconds, "cpu": cpu_seconds, "comm": comm_seconds, "grads": grads}
 
 
 def one_process(rank: int, args: argparse.Namespace, out: Path) -> None:
@@ -123,8 +126,7 @@ def rank_process(rank: int, args: argparse.Namespace, port: int, out: Path) -> N
     distributed.dist.all_reduce = timed_all_reduce  # the module's all-reduces, timed
     result = timed_iterations(args, world, comm)
     world.close()
-    if rank == 0:
-        save_pt(result, out / "split.pt")
+    save_pt(result, out / f"split{rank}.pt")
 
 
 def free_port() -> int:
@@ -152,18 +154,28 @@ def main(args: argparse.Namespace) -> None:
             rank_process, args=(args, free_port(), out), nprocs=args.processes,
             start_method="spawn",
         )  # fmt: skip
-        split = load_pt(out / "split.pt")
+        split = load_pt(out / "split0.pt")
+        split["cpu"] = [  # CPU seconds of all the processes together
+            sum(seconds)
+            for seconds in zip(
+                *(load_pt(out / f"split{r}.pt")["cpu"] for r in range(args.processes)),
+                strict=True,
+            )
+        ]
     one = statistics.median(single["seconds"])
     many = statistics.median(split["seconds"])
     share = sum(split["comm"]) / sum(split["seconds"])
-    print(f"{'configuration':<28} {'s/it (median)':>14} {'all s/it':>30} {'comm share':>11}")
+    print(
+        f"{'configuration':<28} {'s/it (median)':>14} {'all s/it':>24} {'CPU s/it':>9} "
+        f"{'comm share':>11}"
+    )
     for name, result, comm in (
         (f"1 process x {args.threads} threads", single, "-"),
         (f"{args.processes} processes x {threads} thread(s)", split, f"{100 * share:.1f}%"),
     ):
         runs = " ".join(f"{s:.2f}" for s in result["seconds"])
-        median = statistics.median(result["seconds"])
-        print(f"{name:<28} {median:>14.3f} {runs:>30} {comm:>11}")
+        median, cpu = statistics.median(result["seconds"]), statistics.median(result["cpu"])
+        print(f"{name:<28} {median:>14.3f} {runs:>24} {cpu:>9.2f} {comm:>11}")
     print(f"ratio (split / one process): {many / one:.2f} (target: <= 1.00)")
     errors = {k: rel_err(split["grads"][k], single["grads"][k]) for k in single["grads"]}
     print("gradient rel. error, split vs one process: " + ", ".join(
