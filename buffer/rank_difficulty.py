@@ -17,6 +17,8 @@ NAME is <DATASET>_<METHOD> (ImageNet: ImageNet_<subset>_<METHOD>) unless --name 
 defaults to the repository's data_indices/ folder, where buffer_CL.py --sort_method NAME looks.
 Each finished repeat is kept in <out>/.<NAME>.partial/ so that rerunning an interrupted command
 continues with the missing repeats; the folder is removed once the index file is written.
+Under `torchrun --nproc_per_node=K` repeat k runs on rank k mod K (seeded as in one process, so
+the same scores); rank 0 gathers them and writes the files.
 
 Example (CPU-sized: 2 min on a busy 2-core CPU, 40 s of CPU time; the first run on a data set
 also decodes and caches the images and fits ZCA, about 2 min more):
@@ -60,7 +62,14 @@ from utils.io import (  # noqa: E402
 from utils.locks import hold_lock  # noqa: E402
 from utils.networks import check_model_names, get_network  # noqa: E402
 from utils.progress import progress_bar  # noqa: E402
-from utils.runtime import AMP_MODES, repo_root, resolve_device, seed_everything  # noqa: E402
+from utils.runtime import (  # noqa: E402
+    AMP_MODES,
+    gather_objects,
+    rank_and_world,
+    rank_device,
+    repo_root,
+    seed_everything,
+)
 
 SCORE_DEFINITIONS = {
     "GraNd": "|softmax - onehot| * sqrt(1 + |h|^2), h = input of the last Linear (closed-form "
@@ -112,12 +121,14 @@ def main(args: argparse.Namespace) -> Path:
 
 def rank_images(args: argparse.Namespace, held: contextlib.ExitStack) -> Path:
     args.method = check_args(args)
-    device = resolve_device(args.device)
+    rank, world = rank_and_world()  # torchrun: the repeats are split across the ranks
+    device = rank_device(args.device, world)
     name = args.name or default_name(args)
     target = Path(args.out).expanduser() / f"{name}.pt"
     prepare_output_file(target, "--out")
     # docs/formats.md#locks: one process per index file (and its partial scores)
-    held.enter_context(hold_lock(target.parent / f".{name}.lock", f"index file {target}"))
+    lock = target.parent / (f".{name}.lock" if rank == 0 else f".{name}.lock.rank{rank}")
+    held.enter_context(hold_lock(lock, f"index file {target}"))
     if target.exists() and not args.overwrite:
         raise UserError(f"{target} exists: pass --overwrite to replace it, or --name to add one")
     data = get_dataset(
@@ -131,13 +142,15 @@ def rank_images(args: argparse.Namespace, held: contextlib.ExitStack) -> Path:
     remove_temporaries(partial, "repeat_*")  # writes a kill cut short
     held.callback(remove_if_unused, partial)
     start = time.perf_counter()
-    per_repeat, runs = [], []
-    for k in progress_bar(range(args.repeat), desc="repeats"):
+    mine = {}  # repeat k runs on rank k % world; a repeat's scores do not depend on the rank
+    for k in progress_bar(range(rank, args.repeat, world), desc="repeats"):
         saved = partial_file(partial, k, config)
-        scores, run = scored_repeat(args, data, k, device, saved, config)
-        per_repeat.append(scores)
-        runs.append(run)
-    per_repeat = torch.stack(per_repeat)  # [repeat, N]
+        mine[k] = scored_repeat(args, data, k, device, saved, config)
+    repeats = {k: result for share in gather_objects(mine, world) for k, result in share.items()}
+    if rank != 0:
+        return target  # rank 0 writes
+    per_repeat = torch.stack([repeats[k][0] for k in range(args.repeat)])  # [repeat, N]
+    runs = [repeats[k][1] for k in range(args.repeat)]
     mean_scores = per_repeat.double().mean(dim=0)
     # docs/formats.md#index-files
     order = rank_by_class(mean_scores, data.labels_train, data.num_classes)
@@ -154,6 +167,7 @@ def rank_images(args: argparse.Namespace, held: contextlib.ExitStack) -> Path:
         "score": SCORE_DEFINITIONS[args.method],
         "scores_file": scores_path.name,
         "device": str(device),
+        "world_size": world,
         "runs": runs,
         "seconds": round(time.perf_counter() - start, 2),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),

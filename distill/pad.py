@@ -23,6 +23,10 @@ iteration (the reference's rule) and at the last evaluation (ours). The run name
 default RANDOM becomes `<dataset>-IPC<ipc>-<mask>-s<seed>`, e.g. `CIFAR10-IPC10-depth-s42`.
 A folder that already holds a run is only continued with `--resume true`, never overwritten.
 
+Several processes: `torchrun --nproc_per_node=K PAD_depth.py --cfg ...` (or `--nnodes` across
+hosts) splits every inner step's synthetic batch across the K ranks, with the result of one
+process up to float rounding; rank 0 alone writes (docs/algorithms.md#distributed-distillation).
+
 Resume: `checkpoint.pt` is written every `checkpoint_it` iterations, at the end, and after the
 iteration during which SIGINT or SIGTERM arrived (a second signal stops at once). `--resume true`
 continues from it; on CPU the result equals that of an uninterrupted run. Learning rates given on
@@ -32,6 +36,7 @@ the resumed command line (e.g. a lower `--lr_img` after a divergence) replace th
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import signal
@@ -50,7 +55,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils.compiled import resolve_compile  # noqa: E402
 from utils.config import DEFAULTS, parse_config_args, save_config  # noqa: E402
 from utils.data import Data, check_dataset_name, get_dataset  # noqa: E402
-from utils.evaluate import eval_pool, evaluate_synset, resolve_amp  # noqa: E402
+from utils.distributed import World, folder_listing, start_world  # noqa: E402
+from utils.evaluate import eval_pool, evaluate_models, resolve_amp  # noqa: E402
 from utils.guard import SkipCounter, check_bound, check_finite, trailing_skips  # noqa: E402
 from utils.io import (  # noqa: E402
     UserError,
@@ -78,7 +84,7 @@ from utils.provenance import check_provenance  # noqa: E402
 from utils.runtime import (  # noqa: E402
     get_rng_state,
     rank_and_world,
-    resolve_device,
+    rank_device,
     seed_everything,
     set_rng_state,
 )
@@ -96,7 +102,13 @@ from utils.synset import (  # noqa: E402
     noise_images,
     real_image_indices,
 )
-from utils.tracking import MetricsLog, Tracker, plot_curves, save_image_grid  # noqa: E402
+from utils.tracking import (  # noqa: E402
+    MetricsLog,
+    SilentTracker,
+    Tracker,
+    plot_curves,
+    save_image_grid,
+)
 from utils.trajectory import (  # noqa: E402
     ExpertSampler,
     check_expert_shapes,
@@ -147,9 +159,10 @@ def distill(mask_name: str, argv: list[str] | None, held: contextlib.ExitStack) 
     checkpoint = read_checkpoint(run_dir, cfg, mask.name) if cfg.resume else None
     if not cfg.resume:
         refuse_existing_run(run_dir)
-    device = resolve_device(cfg.device)
+    device = rank_device(cfg.device, rank_and_world()[1])
     step_options = make_step_options(cfg.amp, cfg.channels_last, cfg.compile, device)
     eval_speed = evaluation_speed(cfg, device)  # checked once, before the set-up
+    world = join_world(cfg, device, files, checkpoint)
 
     # ---- set-up ------------------------------------------------------------------------------
     seed_everything(cfg.seed)
@@ -161,28 +174,27 @@ def distill(mask_name: str, argv: list[str] | None, held: contextlib.ExitStack) 
         data.num_classes, (data.channel, *data.im_size), device, step_options,
         cfg.hybrid_kept_steps,
     )  # fmt: skip
-    print(memory.describe(cfg.memory, cfg.syn_steps))
-    matcher = Matcher(student, sampler, schedule, inner_steps, mask, generators, memory,
-                      step_options)  # fmt: skip
+    matcher = Matcher(world.student(student), sampler, schedule, inner_steps, mask, generators,
+                      memory, step_options)  # fmt: skip
     eval_its = evaluation_iterations(cfg)
-    print(
-        f"PAD ({mask.name} mask, {ratio_key} {mask.ratio}): {cfg.dataset} IPC {cfg.ipc}, "
-        f"{cfg.model} ({student.num_params} parameters) on {device}; {len(files)} expert "
-        f"file(s) in {folder}; evaluation {eval_speed['amp']}"
-        f"{', compiled' if eval_speed['compile'] else ''}"
-    )
+    if world.is_main:
+        print(memory.describe(cfg.memory, cfg.syn_steps))
+        print(header(cfg, mask, student, device, world, files, folder, eval_speed))
     syn = synthetic_set(cfg, checkpoint, data, indices_class, files, student, device, generators)
+    world.broadcast([syn.image_syn, syn.label_syn, syn.syn_lr])  # one start on every rank
     optimizers = synset_optimizers(cfg, syn)
     progress = Progress()
     if checkpoint is not None:
         restore(checkpoint, optimizers, generators, sampler, progress)
-    run = open_run(cfg, run_dir, checkpoint, data, device, progress)
+    run = open_run(cfg, run_dir, checkpoint, data, device, progress, world)
 
     # ---- the loop: it = 0 .. Iteration (docs/algorithms.md#one-iteration) ------------------------
+    # Under torchrun every rank runs this loop; rank 0 alone writes (#distributed-distillation).
     iterations = range(progress.next_iteration, cfg.Iteration + 1)
     bar = progress_bar(
-        iterations, initial=iterations.start, total=cfg.Iteration + 1, desc="distill"
-    )
+        iterations, initial=iterations.start, total=cfg.Iteration + 1, desc="distill",
+        file=None if world.is_main else io.StringIO(),  # one rank reports
+    )  # fmt: skip
     with StopOnSignal() as stop:
         for it in bar:
             # docs/algorithms.md#evaluation-and-saving-cadence: before this iteration's update
@@ -195,10 +207,11 @@ def distill(mask_name: str, argv: list[str] | None, held: contextlib.ExitStack) 
             if it % 10 == 0:
                 bar.set_postfix(loss=f"{result.loss:.4f}", start=start_epoch)
             due = (it + 1) % cfg.checkpoint_it == 0 or it == cfg.Iteration
-            if due or stop.signum is not None:
+            stopping = stop.agreed(world, device)  # all ranks stop after the same iteration
+            if (due or stopping) and world.is_main:
                 state = checkpoint_state(run, mask.name, syn, optimizers, generators, sampler)
                 save_pt(state, run_dir / "checkpoint.pt")
-            if stop.signum is not None:
+            if stopping:
                 break
     bar.close()
     run.tracker.finish()
@@ -206,6 +219,7 @@ def distill(mask_name: str, argv: list[str] | None, held: contextlib.ExitStack) 
     # ---- outputs -----------------------------------------------------------------------------
     plot_loss(run)
     report(run, stop.signum)
+    world.close()
     return {
         "run_dir": run_dir,
         "best": progress.best,
@@ -273,6 +287,7 @@ class Run:
     progress: Progress
     eval_models: list[str]
     skips: SkipCounter
+    world: World = field(default_factory=World)
 
 
 @dataclass
@@ -453,23 +468,69 @@ def open_run(
     data: Data,
     device: torch.device,
     progress: Progress,
+    world: World,
 ) -> Run:
-    """The run folder with this run's config, its metrics log and the evaluation models."""
+    """The run folder with this run's config, its metrics log and the evaluation models (rank 0
+    alone writes; the other ranks' tracker is silent)."""
+    eval_models = eval_pool(cfg.eval_mode, cfg.model, data.im_size)
+    if not world.is_main:
+        skips = skip_counter(cfg, progress)
+        return Run(cfg, data, device, run_dir, SilentTracker(), progress, eval_models, skips, world)
     (run_dir / "Normal").mkdir(parents=True, exist_ok=True)
-    save_config({key: getattr(cfg, key) for key in DEFAULTS}, run_dir / "config.yaml")
+    values = {key: getattr(cfg, key) for key in DEFAULTS}
+    save_config({**values, "world_size": world.size}, run_dir / "config.yaml")
     if cfg.resume and (run_dir / "metrics.jsonl").exists():  # next_iteration 0: forget all
         drop_metrics_from(run_dir / "metrics.jsonl", progress.next_iteration)
     tracker = Tracker(
         run_dir, wandb_mode=cfg.wandb, project=cfg.project, name=run_dir.name, config=vars(cfg)
     )
-    eval_models = eval_pool(cfg.eval_mode, cfg.model, data.im_size)
     resumed = f" (resumed at iteration {progress.next_iteration})" if checkpoint else ""
     print(f"outputs: {run_dir}{resumed}")
     if data.split is not None:
         print(f"validation: the last {cfg.val_per_class} train images of each class "
               f"({len(data.labels_val)} in all) choose images_best")  # fmt: skip
     skips = skip_counter(cfg, progress)
-    return Run(cfg, data, device, run_dir, tracker, progress, eval_models, skips)
+    return Run(cfg, data, device, run_dir, tracker, progress, eval_models, skips, world)
+
+
+def join_world(
+    cfg: SimpleNamespace, device: torch.device, files: list[Path], checkpoint: dict | None
+) -> World:
+    """torchrun's ranks (docs/algorithms.md#distributed-distillation), once every rank is known
+    to have the same config, expert files and checkpoint; a world of one otherwise."""
+    world = start_world(device, forced=cfg.distributed)
+    resumed_at = None if checkpoint is None else checkpoint["progress"]["next_iteration"]
+    facts = {
+        "config": {key: getattr(cfg, key) for key in DEFAULTS},
+        "expert folder listing": folder_listing(files),
+        "checkpoint iteration": resumed_at,
+    }
+    try:
+        world.check_same(facts)
+    except UserError:
+        world.close()
+        raise
+    return world
+
+
+def header(
+    cfg: SimpleNamespace,
+    mask: Mask,
+    student: Student,
+    device: torch.device,
+    world: World,
+    files: list[Path],
+    folder: Path,
+    eval_speed: dict,
+) -> str:
+    """The run's first line: what is distilled, where, from which experts, how it is evaluated."""
+    split = f" x {world.size} processes, inner batches split" if world.active else ""
+    compiled = ", compiled" if eval_speed["compile"] else ""
+    return (
+        f"PAD ({mask.name} mask, {RATIO_KEYS[mask.name]} {mask.ratio}): {cfg.dataset} IPC "
+        f"{cfg.ipc}, {cfg.model} ({student.num_params} parameters) on {device}{split}; "
+        f"{len(files)} expert file(s) in {folder}; evaluation {eval_speed['amp']}{compiled}"
+    )
 
 
 # ---- the synthetic set (docs/algorithms.md#the-synthetic-set) ------------------------------------
@@ -569,6 +630,7 @@ def distill_step(
     target = flatten_params(trajectory[start_epoch + cfg.expert_epochs]).to(run.device)
     check_expert_segment(matcher.sampler, start_epoch, w_start, target)
     plan = matcher.inner_steps.plan(len(syn.image_syn), run.data.im_size, generators["inner_steps"])
+    plan = run.world.shard(plan)  # this rank's rows (docs/algorithms.md#distributed-distillation)
     for optimizer in optimizers.values():
         optimizer.zero_grad(set_to_none=True)
     # steps 4-6: unroll, masked matching loss, gradients into the three tensors
@@ -577,6 +639,7 @@ def distill_step(
         mask=matcher.mask, memory=matcher.memory.mode, kept_steps=matcher.memory.kept_steps,
         threshold=cfg.threshold, options=matcher.step_options,
     )  # fmt: skip
+    run.world.sum_gradients(result, syn.image_syn, syn.label_syn)
     guard_loss(run, it, result.loss)
     if not result.skipped:  # step 6: update only when loss <= threshold
         for optimizer in optimizers.values():
@@ -610,12 +673,13 @@ def evaluate(run: Run, it: int, syn: SynSet) -> bool:
         )
     improved = False
     tensors = syn.cpu()
+    ranks = (run.world.rank, run.world.size)  # the networks split across ranks, if several
     for name in run.eval_models:
-        result = evaluate_synset(
-            name, tensors["images"], tensors["labels"], lr, run.data,
+        (result,) = evaluate_models(
+            [name], tensors["images"], tensors["labels"], lr, run.data,
             epochs=cfg.epoch_eval_train, batch_train=cfg.batch_train, dsa=cfg.dsa,
             dsa_strategy=cfg.dsa_strategy, num_eval=cfg.num_eval, device=run.device,
-            seed=cfg.eval_seed + it, **evaluation_speed(cfg, run.device),
+            seed=cfg.eval_seed + it, **evaluation_speed(cfg, run.device), ranks=ranks,
         )  # fmt: skip
         # docs/evaluation.md#validation-split: by validation accuracy when the split is on
         best, better = update_best(
@@ -635,6 +699,8 @@ def evaluate(run: Run, it: int, syn: SynSet) -> bool:
             validation = f", validation {result.val_mean:.2f}%"
         run.tracker.log(it, record)
         chosen = "best by validation" if result.val_mean is not None else "best"
+        if not run.world.is_main:
+            continue
         tqdm.write(
             f"[it {it}] {name}: {result.mean:.2f}% +- {result.std:.2f}{validation} "
             f"({cfg.num_eval} net(s), {chosen} {best['mean']:.2f}% at it {best['iteration']}); "
@@ -645,7 +711,10 @@ def evaluate(run: Run, it: int, syn: SynSet) -> bool:
 
 
 def write_outputs(run: Run, it: int, syn: SynSet, *, best: bool, numbered: bool) -> None:
-    """The reference's files (docs/formats.md#distilled-sets), image grids and the loss curve."""
+    """The reference's files (docs/formats.md#distilled-sets), image grids and the loss curve
+    (rank 0 only)."""
+    if not run.world.is_main:
+        return
     cfg, normal = run.cfg, run.dir / "Normal"
     tensors = syn.cpu()
     tags = ([str(it)] if numbered else []) + (["best"] if best else [])
@@ -665,8 +734,10 @@ def write_outputs(run: Run, it: int, syn: SynSet, *, best: bool, numbered: bool)
 
 
 def report(run: Run, signum: int | None) -> None:
-    """The last line: how the run ended, its best accuracies, where to find it."""
+    """The last line: how the run ended, its best accuracies, where to find it (rank 0)."""
     progress = run.progress
+    if not run.world.is_main:
+        return
     if signum is not None:
         print(
             f"stopped by {signal.Signals(signum).name} after iteration "
@@ -709,7 +780,7 @@ def report_selections(run: Run) -> None:
 
 def plot_loss(run: Run) -> None:
     history = run.progress.history
-    if history["iteration"]:
+    if history["iteration"] and run.world.is_main:
         series = {"matching loss": history["loss"], "start epoch": history["start_epoch"]}
         plot_curves(run.dir / "loss.png", history["iteration"], series, title=run.dir.name)
 
@@ -888,6 +959,13 @@ class StopOnSignal:
         self.restore()
         name = signal.Signals(signum).name
         tqdm.write(f"{name}: stopping after this iteration (again to stop at once)", sys.stderr)
+
+    def agreed(self, world: World, device: torch.device) -> bool:
+        """Whether a signal arrived on some rank (a plain run: on this process)."""
+        if world.any(self.signum is not None, device):
+            self.signum = self.signum or signal.SIGTERM
+            return True
+        return False
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():

@@ -150,7 +150,7 @@ Initialize_Label_With_Another_Model Initialize_Label_Model Initialize_Label_Mode
 Label_Model_Timestamp""".split()
 OURS_ORDER = """seed memory memory_budget_gb hybrid_kept_steps checkpoint_it resume max_skipped
 wandb amp channels_last compile eval_amp eval_compile max_per_class val_per_class eval_seed
-out_dir""".split()
+out_dir distributed world_size""".split()
 UNUSED = """lr_init batch_real canvas_size canvas_samples ema_decay record_loss init_frozen
 parall_eva Initialize_Label_Model_Dir""".split()
 

@@ -204,6 +204,12 @@ KEYS: dict[str, Key] = {
             "the evaluation at iteration it seeds its networks with eval_seed + it", OURS),
         Key("out_dir", "logged_files", "str",
             "root of the run folders, <out_dir>/<dataset>/<ipc>/<model>/<name>", OURS),
+        Key("distributed", False, "bool",
+            "split every inner step's batch across torchrun's processes (on by itself when "
+            "WORLD_SIZE > 1; true in a plain run: a world of one)", OURS),
+        Key("world_size", 1, "int",
+            "written to config.yaml: the number of processes the run used; read, never used "
+            "(the result does not depend on it)", OURS),
     )
 }  # fmt: skip
 

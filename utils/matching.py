@@ -165,6 +165,12 @@ class InnerPlan:
 
     batches: list[Tensor]
     aug: list[DSAParams | None]
+    # A rank's shard of every step's batch (docs/algorithms.md#distributed-distillation): the
+    # fraction of the step's batch these rows are, which scales the step's loss. None: 1.
+    weights: list[float] | None = None
+
+    def step_weights(self) -> list[float | None]:
+        return [None] * len(self.batches) if self.weights is None else list(self.weights)
 
 
 @dataclass(frozen=True)
@@ -344,14 +350,16 @@ def step_loss(
     labels: Tensor,
     aug: DSAParams | None,
     options: StepOptions = FP32_EAGER,
+    weight: float | None = None,
 ) -> Tensor:
-    """Soft cross-entropy of one inner step on its (augmented) batch."""
+    """Soft cross-entropy of one inner step on its (augmented) batch, times `weight` if given."""
     x = images if aug is None else apply_dsa(images, aug)
     if options.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with _autocast(x.device, options):
         logits = student(x, w)
-    return soft_cross_entropy(logits.to(w.dtype), labels)  # the loss in the vector's dtype
+    loss = soft_cross_entropy(logits.to(w.dtype), labels)  # the loss in the vector's dtype
+    return loss if weight is None else loss * weight
 
 
 def _skip(loss: Tensor, threshold: float | None) -> bool:
@@ -365,8 +373,8 @@ def _match_graph(
     # docs/algorithms.md#one-iteration step 4: every step's graph is kept (create_graph)
     # for one backward pass.
     w = w_start.clone().requires_grad_(True)
-    for idx, aug in zip(plan.batches, plan.aug, strict=True):
-        loss_i = step_loss(student, w, image_syn[idx], label_syn[idx], aug, options)
+    for idx, aug, weight in zip(plan.batches, plan.aug, plan.step_weights(), strict=True):
+        loss_i = step_loss(student, w, image_syn[idx], label_syn[idx], aug, options, weight)
         (g,) = torch.autograd.grad(loss_i, w, create_graph=True)
         w = w - syn_lr * g
     loss = matching_loss(w, w_start, target, mask)
@@ -389,13 +397,14 @@ def _match_recompute(
     ws = torch.empty((steps, w_start.numel()), dtype=w_start.dtype, device=w_start.device)
     ws[0] = w_start
     grads = _Grads(image_syn, label_syn, syn_lr)
+    weights = plan.step_weights()
 
     def step_graph(i: int, create_graph: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         idx, aug = plan.batches[i], plan.aug[i]
         w = ws[i].detach().requires_grad_(True)
         x = images[idx].requires_grad_(create_graph and grads.image is not None)
         y = labels[idx].requires_grad_(create_graph and grads.label is not None)
-        loss_i = step_loss(student, w, x, y, aug, options)
+        loss_i = step_loss(student, w, x, y, aug, options, weights[i])
         (g,) = torch.autograd.grad(loss_i, w, create_graph=create_graph)
         return g, w, x, y
 
@@ -475,6 +484,9 @@ def _match_hybrid(
     ws = torch.empty((recomputed, w_start.numel()), dtype=w_start.dtype, device=w_start.device)
     grads = _Grads(image_syn, label_syn, syn_lr)
     compiled = _compiled_steps(student, options) if options.compile else None
+    weights = plan.step_weights()
+    if compiled is not None and any(weight is not None for weight in weights):
+        raise ValueError("the compiled steps do not take the weights of a sharded plan")
     w = w_start
     for i in range(recomputed):
         ws[i] = w
@@ -482,13 +494,15 @@ def _match_hybrid(
         if compiled is not None:
             g = compiled.grad(ws[i], images[idx], labels[idx], aug)
         else:
-            g, *_ = _step_grad(student, ws[i], images[idx], labels[idx], aug, options, False)
+            g, *_ = _step_grad(student, ws[i], images[idx], labels[idx], aug, options, False,
+                               weight=weights[i])  # fmt: skip
         with torch.no_grad():
             w = ws[i] - lr * g
     w_kept = w.detach().clone().requires_grad_(True)  # w_{N-K}: where the kept graphs start
     w = w_kept
-    for idx, aug in zip(plan.batches[recomputed:], plan.aug[recomputed:], strict=True):
-        loss_i = step_loss(student, w, image_syn[idx], label_syn[idx], aug, options)
+    kept_plan = zip(plan.batches[recomputed:], plan.aug[recomputed:], weights[recomputed:], strict=True)
+    for idx, aug, weight in kept_plan:
+        loss_i = step_loss(student, w, image_syn[idx], label_syn[idx], aug, options, weight)
         (g,) = torch.autograd.grad(loss_i, w, create_graph=True)
         w = w - syn_lr * g
     loss = matching_loss(w, w_start, target, mask)
@@ -507,18 +521,18 @@ def _match_hybrid(
                                           adjoint, lr)  # fmt: skip
             continue
         g, w, x, y = _step_grad(student, ws[i], images[idx], labels[idx], aug, options, True,
-                                grads)  # fmt: skip
+                                grads, weights[i])  # fmt: skip
         adjoint = grads.step_back(idx, g, (w, x, y), adjoint, lr)
     grads.accumulate(from_kept)
     return MatchResult(loss.item(), skipped=False)
 
 
-def _step_grad(student, w_i, x, y, aug, options, create_graph, grads=None):
+def _step_grad(student, w_i, x, y, aug, options, create_graph, grads=None, weight=None):
     """g_i = dloss_i/dw_i at the stored w_i, with its graph when create_graph (leaves returned)."""
     w = w_i.detach().requires_grad_(True)
     x = x.requires_grad_(create_graph and grads is not None and grads.image is not None)
     y = y.requires_grad_(create_graph and grads is not None and grads.label is not None)
-    loss_i = step_loss(student, w, x, y, aug, options)
+    loss_i = step_loss(student, w, x, y, aug, options, weight)
     (g,) = torch.autograd.grad(loss_i, w, create_graph=create_graph)
     return g, w, x, y
 

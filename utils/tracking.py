@@ -188,3 +188,20 @@ def _start_wandb(mode: str, project: str, name: str | None, config: Any, run_dir
     except Exception as exc:
         warnings.warn(f"wandb could not start ({exc}); writing local files only", stacklevel=2)
         return None
+
+
+class SilentTracker(Tracker):
+    """The tracker of the ranks other than 0 under torchrun: rank 0 alone logs
+    (docs/algorithms.md#distributed-distillation)."""
+
+    def __init__(self) -> None:
+        self.wandb_run = None
+
+    def log(self, step: int, record: dict[str, Any]) -> None:
+        pass
+
+    def image(self, key: str, path: str | os.PathLike, step: int | None = None) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
