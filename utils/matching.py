@@ -500,7 +500,9 @@ def _match_hybrid(
             w = ws[i] - lr * g
     w_kept = w.detach().clone().requires_grad_(True)  # w_{N-K}: where the kept graphs start
     w = w_kept
-    kept_plan = zip(plan.batches[recomputed:], plan.aug[recomputed:], weights[recomputed:], strict=True)
+    kept_plan = zip(
+        plan.batches[recomputed:], plan.aug[recomputed:], weights[recomputed:], strict=True
+    )
     for idx, aug, weight in kept_plan:
         loss_i = step_loss(student, w, image_syn[idx], label_syn[idx], aug, options, weight)
         (g,) = torch.autograd.grad(loss_i, w, create_graph=True)
