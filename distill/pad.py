@@ -31,11 +31,8 @@ the resumed command line (e.g. a lower `--lr_img` after a divergence) replace th
 
 from __future__ import annotations
 
-import json
 import math
-import signal
 import sys
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -46,10 +43,11 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from utils import runs  # noqa: E402
 from utils.config import DEFAULTS, parse_config_args, save_config  # noqa: E402
 from utils.data import Data, get_dataset  # noqa: E402
 from utils.evaluate import eval_pool, evaluate_synset  # noqa: E402
-from utils.io import UserError, atomic_write, load_pt, run_main, save_pt  # noqa: E402
+from utils.io import UserError, run_main, save_pt  # noqa: E402
 from utils.matching import (  # noqa: E402
     MEMORY_MODES,
     InnerSteps,
@@ -60,6 +58,14 @@ from utils.matching import (  # noqa: E402
     match_trajectory,
 )
 from utils.networks import get_network  # noqa: E402
+from utils.runs import (  # noqa: E402
+    StopOnSignal,
+    drop_metrics_from,
+    evaluation_iterations,
+    refuse_existing_run,
+    run_folder,
+    stopped_message,
+)
 from utils.runtime import get_rng_state, resolve_device, seed_everything, set_rng_state  # noqa: E402
 from utils.synset import (  # noqa: E402
     PIX_INITS,
@@ -75,7 +81,7 @@ from utils.synset import (  # noqa: E402
     noise_images,
     real_image_indices,
 )
-from utils.tracking import MetricsLog, Tracker, plot_curves, save_image_grid  # noqa: E402
+from utils.tracking import Tracker, plot_curves, save_image_grid  # noqa: E402
 from utils.trajectory import (  # noqa: E402
     ExpertSampler,
     check_expert_shapes,
@@ -105,7 +111,7 @@ def main(mask_name: str, argv: list[str] | None = None) -> dict:
     )
     schedule = StartEpochSchedule.from_config(cfg)
     schedule.validate(cfg.Iteration)
-    run_dir = run_folder(cfg, mask.name)
+    run_dir = run_folder(cfg, tag=mask.name)
     checkpoint = read_checkpoint(run_dir, cfg, mask.name) if cfg.resume else None
     if checkpoint is None:
         refuse_existing_run(run_dir)
@@ -265,27 +271,6 @@ def check_settings(cfg: SimpleNamespace) -> None:
         raise UserError("texture=True: texture distillation is not part of PAD; set it to False")
 
 
-def run_folder(cfg: SimpleNamespace, mask: str) -> Path:
-    """`<out_dir>/<dataset>/<ipc>/<model>/<run name>` (docs/formats.md#run-folder-layout),
-    never from wandb."""
-    name = cfg.name if cfg.name != "RANDOM" else f"{cfg.dataset}-IPC{cfg.ipc}-{mask}-s{cfg.seed}"
-    return Path(cfg.out_dir) / cfg.dataset / str(cfg.ipc) / cfg.model / name
-
-
-def refuse_existing_run(run_dir: Path) -> None:
-    """A run folder is never silently reused (docs/differences.md#unique-run-folders)."""
-    if (run_dir / "checkpoint.pt").exists():
-        raise UserError(
-            f"{run_dir} already holds a run: continue it with --resume true, or give this run "
-            "another --name"
-        )
-    if (run_dir / "metrics.jsonl").exists():
-        raise UserError(
-            f"{run_dir} holds a run that stopped before its first checkpoint: delete that "
-            "folder, or give this run another --name"
-        )
-
-
 def no_experts_message(cfg: SimpleNamespace, folder: Path) -> str:
     zca = " --zca" if cfg.zca else ""
     train_epochs = max(cfg.max_start_epoch + cfg.expert_epochs - 1, 1)
@@ -306,12 +291,6 @@ def purpose_generators(seed: int) -> dict[str, torch.Generator]:
         name: torch.Generator().manual_seed(seed + k)
         for k, name in enumerate(("init", "start_epoch", "inner_steps"))
     }
-
-
-def evaluation_iterations(cfg: SimpleNamespace) -> list[int]:
-    """The iterations evaluated before their update: every eval_it-th, from 0 or eval_it."""
-    first_eval = cfg.eval_it if cfg.skip_first_eva else 0
-    return list(range(first_eval, cfg.Iteration + 1, cfg.eval_it))
 
 
 def load_data(cfg: SimpleNamespace) -> tuple[Data, list[Tensor]]:
@@ -559,11 +538,7 @@ def report(run: Run, signum: int | None) -> None:
     """The last line: how the run ended, its best accuracies, where to find it."""
     progress = run.progress
     if signum is not None:
-        print(
-            f"stopped by {signal.Signals(signum).name} after iteration "
-            f"{progress.next_iteration - 1}; checkpoint {run.dir / 'checkpoint.pt'}; continue "
-            "with the same command and --resume true"
-        )
+        print(stopped_message(signum, progress.next_iteration - 1, run.dir))
     else:
         best = ", ".join(
             f"{name} {b['mean']:.2f}% (it {b['iteration']})" for name, b in progress.best.items()
@@ -578,24 +553,11 @@ def plot_loss(run: Run) -> None:
         plot_curves(run.dir / "loss.png", history["iteration"], series, title=run.dir.name)
 
 
-def drop_metrics_from(path: Path, next_iteration: int) -> None:
-    """On resume, forget what was logged after the checkpoint (those iterations run again)."""
-    kept = [r for r in MetricsLog(path).read() if r.get("step", 0) < next_iteration]
-    with atomic_write(path) as tmp:
-        tmp.write_text("".join(json.dumps(record) + "\n" for record in kept))
-
-
 # ---- divergence guard --------------------------------------------------------------------------
 
 
 def diverged(run: Run, it: int, what: str) -> UserError:
-    checkpoint = run.dir / "checkpoint.pt"
-    last = f"the last good checkpoint is {checkpoint}" if checkpoint.exists() else "no checkpoint"
-    return UserError(
-        f"distillation diverged at iteration {it}: {what}; nothing of this iteration was saved "
-        f"({last}); lower lr_img (now {run.cfg.lr_img:g}) and start again, or continue with "
-        "--resume true and a lower --lr_img"
-    )
+    return runs.diverged(run.dir, it, what, run.cfg.lr_img)
 
 
 def check_finite(run: Run, it: int, syn: SynSet) -> None:
@@ -648,24 +610,10 @@ def identity(cfg: SimpleNamespace, mask: str) -> dict:
 
 
 def read_checkpoint(run_dir: Path, cfg: SimpleNamespace, mask: str) -> dict:
-    path = run_dir / "checkpoint.pt"
-    if not path.exists():
-        raise UserError(
-            f"--resume true but there is no checkpoint at {path}: start without --resume, or "
-            "give the --name / --out_dir of the run to continue"
-        )
-    checkpoint = load_pt(path, what="checkpoint")
-    if not isinstance(checkpoint, dict) or checkpoint.get("version") != CHECKPOINT_VERSION:
-        raise UserError(f"{path} is not a checkpoint of this version of distill/pad.py")
-    saved, wanted = checkpoint["identity"], identity(cfg, mask)
-    changed = [
-        f"{key}={wanted[key]!r} (checkpoint: {saved.get(key)!r})"
-        for key in wanted
-        if saved.get(key) != wanted[key]
-    ]
-    if changed:
-        raise UserError(f"cannot resume {path} with other settings: {', '.join(changed)}")
-    return checkpoint
+    identity_now = identity(cfg, mask)
+    return runs.read_checkpoint(
+        run_dir, identity_now, version=CHECKPOINT_VERSION, script="distill/pad.py"
+    )
 
 
 def restore(
@@ -685,38 +633,6 @@ def restore(
     sampler.load_state_dict(checkpoint["expert_sampler"])
     for key, value in checkpoint["progress"].items():
         setattr(progress, key, value)
-
-
-class StopOnSignal:
-    """Turns the first SIGINT/SIGTERM into a request to stop after the current iteration.
-
-    The old handlers come back after the first signal, so a second one acts at once.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self.previous: dict[int, object] = {}
-
-    def __enter__(self) -> StopOnSignal:
-        if threading.current_thread() is threading.main_thread():  # signal() works only there
-            self.previous = {sig: signal.signal(sig, self.handle) for sig in self.SIGNALS}
-        return self
-
-    def handle(self, signum: int, frame: object) -> None:
-        self.signum = signum
-        self.restore()
-        name = signal.Signals(signum).name
-        tqdm.write(f"{name}: stopping after this iteration (again to stop at once)", sys.stderr)
-
-    def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        self.previous = {}
-
-    def __exit__(self, *exc: object) -> None:
-        self.restore()
 
 
 def run(mask_name: str) -> None:
