@@ -190,3 +190,20 @@ def test_script_reports_bad_input_in_one_line_with_exit_2(world, tmp_path, scrip
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "not both" in done.stderr
+
+
+@pytest.mark.parametrize("method", ["DC", "DM"])
+def test_paper_configs_hold_the_original_values(method):
+    keys = DC_KEYS if method == "DC" else DM_KEYS
+    for ipc in (1, 10, 50, 500):
+        cfg = load_config(str(ROOT / "configs" / "CIFAR-10" / method / f"IPC{ipc}.yaml"), keys=keys)
+        assert (cfg.dataset, cfg.model, cfg.ipc, cfg.batch_real) == ("CIFAR10", "ConvNet", ipc, 256)
+        if method == "DC":
+            assert (cfg.Iteration, cfg.lr_img, cfg.init, cfg.dsa) == (1000, 0.1, "noise", False)
+        else:
+            lr = 10.0 if ipc >= 100 else 1.0
+            assert (cfg.Iteration, cfg.lr_img, cfg.init, cfg.dsa) == (20000, lr, "real", True)
+    for name in ("DC", "DSA", "DM"):
+        path = ROOT / "configs" / "cpu" / "gm_dm" / f"FashionMNIST_IPC1_{name}.yaml"
+        cfg = load_config(str(path), keys=DM_KEYS if name == "DM" else DC_KEYS)
+        assert cfg.dataset == "FashionMNIST" and cfg.model == "ConvNetW32"
