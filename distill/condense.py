@@ -92,6 +92,8 @@ def main(method: str, argv: list[str] | None = None) -> dict:
     if checkpoint is not None:
         restore(checkpoint, optimizer, generator, progress)
     run = open_run(cfg, method, tag, run_dir, checkpoint, data, device, progress)
+    if method == "DM" and cfg.compile:
+        run.compiled = compiled_network(cfg, data, device)
     step = gm_step if method == "DC" else dm_iteration
     eval_its = evaluation_iterations(cfg)
     print(
@@ -164,6 +166,7 @@ class Run:
     tracker: Tracker
     progress: Progress
     eval_models: list[str]
+    compiled: torch.nn.Module | None = None  # DM with compile: the one compiled network
 
 
 # ---- arguments ---------------------------------------------------------------------------------
@@ -286,6 +289,9 @@ def dm_iteration(run, net, image_syn, label_syn, optimizer, pool, images_train, 
     """One DM iteration (docs/gm_dm.md#distribution-matching): one image update. Returns the
     loss per class (the DM code's log value)."""
     cfg = run.cfg
+    if run.compiled is not None:  # the fresh network's weights in the compiled one
+        run.compiled.load_state_dict(net.state_dict())
+        net = run.compiled
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
     optimizer.zero_grad()
@@ -298,6 +304,15 @@ def dm_iteration(run, net, image_syn, label_syn, optimizer, pool, images_train, 
         )  # fmt: skip
     optimizer.step()
     return loss.item() / len(pool)
+
+
+def compiled_network(cfg: SimpleNamespace, data: Data, device: torch.device) -> torch.nn.Module:
+    """One network whose embedding is torch.compile'd; every iteration copies the fresh
+    network's weights into it, so the same compiled code serves the whole run."""
+    net = fresh_network(cfg.model, data.channel, data.num_classes, data.im_size,
+                        generator=torch.Generator().manual_seed(0), device=device)  # fmt: skip
+    net.features = torch.compile(net.features)
+    return net
 
 
 def _check_finite(run: Run, it: int, loss: float, image_syn: Tensor) -> None:
