@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils import runs  # noqa: E402
 from utils.augment import sample_dsa_params  # noqa: E402
-from utils.condense import fresh_network  # noqa: E402
+from utils.condense import copy_weights, fresh_network  # noqa: E402
 from utils.config import DC_KEYS, DM_KEYS, parse_config_args, save_config  # noqa: E402
 from utils.data import Data, get_dataset  # noqa: E402
 from utils.difficulty import load_index_file  # noqa: E402
@@ -290,7 +290,7 @@ def dm_iteration(run, net, image_syn, label_syn, optimizer, pool, images_train, 
     loss per class (the DM code's log value)."""
     cfg = run.cfg
     if run.compiled is not None:  # the fresh network's weights in the compiled one
-        run.compiled.load_state_dict(net.state_dict())
+        copy_weights(net, run.compiled)
         net = run.compiled
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)

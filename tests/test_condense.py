@@ -207,3 +207,15 @@ def test_paper_configs_hold_the_original_values(method):
         path = ROOT / "configs" / "cpu" / "gm_dm" / f"FashionMNIST_IPC1_{name}.yaml"
         cfg = load_config(str(path), keys=DM_KEYS if name == "DM" else DC_KEYS)
         assert cfg.dataset == "FashionMNIST" and cfg.model == "ConvNetW32"
+
+
+def test_copy_weights_gives_a_compiled_network_the_fresh_weights():
+    from utils.condense import copy_weights, fresh_network
+
+    g = torch.Generator().manual_seed(0)
+    fresh = fresh_network(MODEL, 3, CLASSES, (SIZE, SIZE), generator=g)
+    other = fresh_network(MODEL, 3, CLASSES, (SIZE, SIZE), generator=g)
+    x = torch.randn(2, 3, SIZE, SIZE, generator=g)
+    assert not torch.equal(fresh(x), other(x))
+    copy_weights(fresh, other)
+    assert torch.equal(fresh(x), other(x))

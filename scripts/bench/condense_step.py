@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
-from utils.condense import fresh_network  # noqa: E402
+from utils.condense import copy_weights, fresh_network  # noqa: E402
 from utils.dm import dm_step  # noqa: E402
 from utils.filters import class_pool  # noqa: E402
 from utils.gm import GMSettings, get_loops, gm_iteration  # noqa: E402
@@ -82,7 +82,7 @@ def child(spec: dict) -> dict:
     def network():
         net = fresh_network(MODEL, 3, CLASSES, (32, 32), generator=g, device=device)
         if compiled is not None:  # the same weights in the one compiled network
-            compiled.load_state_dict(net.state_dict())
+            copy_weights(net, compiled)
             net = compiled
         if variant == "channels_last":
             net = net.to(memory_format=torch.channels_last)
