@@ -37,11 +37,8 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import math
-import signal
 import sys
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -52,6 +49,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from utils import runs  # noqa: E402
 from utils.compiled import resolve_compile  # noqa: E402
 from utils.config import DEFAULTS, parse_config_args, save_config  # noqa: E402
 from utils.data import Data, check_dataset_name, get_dataset  # noqa: E402
@@ -60,8 +58,6 @@ from utils.evaluate import eval_pool, evaluate_models, resolve_amp  # noqa: E402
 from utils.guard import SkipCounter, check_bound, check_finite, trailing_skips  # noqa: E402
 from utils.io import (  # noqa: E402
     UserError,
-    atomic_write,
-    load_pt,
     prepare_output_dir,
     run_main,
     save_json,
@@ -81,6 +77,14 @@ from utils.matching import (  # noqa: E402
 from utils.networks import check_model_names, get_network  # noqa: E402
 from utils.progress import progress_bar  # noqa: E402
 from utils.provenance import check_provenance  # noqa: E402
+from utils.runs import (  # noqa: E402
+    StopOnSignal,
+    drop_metrics_from,
+    evaluation_iterations,
+    refuse_existing_run,
+    run_folder,
+    stopped_message,
+)
 from utils.runtime import (  # noqa: E402
     get_rng_state,
     rank_and_world,
@@ -358,27 +362,6 @@ def evaluation_speed(cfg: SimpleNamespace, device: torch.device) -> dict:
     }
 
 
-def run_folder(cfg: SimpleNamespace, mask: str) -> Path:
-    """`<out_dir>/<dataset>/<ipc>/<model>/<run name>` (docs/formats.md#run-folder-layout),
-    never from wandb."""
-    name = cfg.name if cfg.name != "RANDOM" else f"{cfg.dataset}-IPC{cfg.ipc}-{mask}-s{cfg.seed}"
-    return Path(cfg.out_dir) / cfg.dataset / str(cfg.ipc) / cfg.model / name
-
-
-def refuse_existing_run(run_dir: Path) -> None:
-    """A run folder is never silently reused (docs/differences.md#unique-run-folders)."""
-    if (run_dir / "checkpoint.pt").exists():
-        raise UserError(
-            f"{run_dir} already holds a run: continue it with --resume true, or give this run "
-            "another --name"
-        )
-    if (run_dir / "metrics.jsonl").exists():
-        raise UserError(
-            f"{run_dir} holds a run that stopped before its first checkpoint: start it again "
-            "from iteration 0 with --resume true, or give this run another --name"
-        )
-
-
 def no_experts_message(cfg: SimpleNamespace, folder: Path) -> str:
     zca = " --zca" if cfg.zca else ""
     train_epochs = max(cfg.max_start_epoch + cfg.expert_epochs - 1, 1)
@@ -399,12 +382,6 @@ def purpose_generators(seed: int) -> dict[str, torch.Generator]:
         name: torch.Generator().manual_seed(seed + k)
         for k, name in enumerate(("init", "start_epoch", "inner_steps"))
     }
-
-
-def evaluation_iterations(cfg: SimpleNamespace) -> list[int]:
-    """The iterations evaluated before their update: every eval_it-th, from 0 or eval_it."""
-    first_eval = cfg.eval_it if cfg.skip_first_eva else 0
-    return list(range(first_eval, cfg.Iteration + 1, cfg.eval_it))
 
 
 def load_data(cfg: SimpleNamespace) -> tuple[Data, list[Tensor]]:
@@ -739,11 +716,7 @@ def report(run: Run, signum: int | None) -> None:
     if not run.world.is_main:
         return
     if signum is not None:
-        print(
-            f"stopped by {signal.Signals(signum).name} after iteration "
-            f"{progress.next_iteration - 1}; checkpoint {run.dir / 'checkpoint.pt'}; continue "
-            "with the same command and --resume true"
-        )
+        print(stopped_message(signum, progress.next_iteration - 1, run.dir))
     else:
         best = ", ".join(
             f"{name} {b['mean']:.2f}% (it {b['iteration']})" for name, b in progress.best.items()
@@ -785,13 +758,6 @@ def plot_loss(run: Run) -> None:
         plot_curves(run.dir / "loss.png", history["iteration"], series, title=run.dir.name)
 
 
-def drop_metrics_from(path: Path, next_iteration: int) -> None:
-    """On resume, forget what was logged after the checkpoint (those iterations run again)."""
-    kept = [r for r in MetricsLog(path).read() if r.get("step", 0) < next_iteration]
-    with atomic_write(path) as tmp:
-        tmp.write_text("".join(json.dumps(record) + "\n" for record in kept))
-
-
 # ---- divergence guard (docs/algorithms.md#divergence-guard) ------------------------------------
 
 STAGE = "distillation"
@@ -800,13 +766,8 @@ SETTING_OF = {"synthetic images": "lr_img", "soft labels": "lr_y", "learned syn_
 
 
 def fix(run: Run, *keys: str) -> str:
-    """Advice the program accepts: lower the named rates and rerun with --resume true, which
-    continues from the last checkpoint (whose rates the command line replaces) or, without one,
-    starts again from iteration 0."""
-    lower = " or ".join(f"--{key} (now {getattr(run.cfg, key):g})" for key in keys)
-    checkpoint = run.dir / "checkpoint.pt"
-    start = f"from {checkpoint}" if checkpoint.exists() else "from iteration 0: no checkpoint yet"
-    return f"nothing of it was saved; rerun with --resume true ({start}) and a lower {lower}"
+    """Advice the program accepts: lower the named rates and rerun with --resume true."""
+    return runs.rerun_advice(run.dir, run.cfg, *keys)
 
 
 def guard_loss(run: Run, it: int, loss: float) -> None:
@@ -898,24 +859,10 @@ def identity(cfg: SimpleNamespace, mask: str) -> dict:
 
 
 def read_checkpoint(run_dir: Path, cfg: SimpleNamespace, mask: str) -> dict | None:
-    """The checkpoint to continue from; None (start from iteration 0, saying so) when the run
-    stopped before its first one or never started."""
-    path = run_dir / "checkpoint.pt"
-    if not path.exists():
-        print(f"--resume true: no checkpoint at {path} yet; starting from iteration 0")
-        return None
-    checkpoint = load_pt(path, what="checkpoint")
-    if not isinstance(checkpoint, dict) or checkpoint.get("version") != CHECKPOINT_VERSION:
-        raise UserError(f"{path} is not a checkpoint of this version of distill/pad.py")
-    saved, wanted = checkpoint["identity"], identity(cfg, mask)
-    changed = [
-        f"{key}={wanted[key]!r} (checkpoint: {saved.get(key)!r})"
-        for key in wanted
-        if saved.get(key, DEFAULTS.get(key)) != wanted[key]  # keys added later: their default
-    ]
-    if changed:
-        raise UserError(f"cannot resume {path} with other settings: {', '.join(changed)}")
-    return checkpoint
+    return runs.read_checkpoint(
+        run_dir, identity(cfg, mask), version=CHECKPOINT_VERSION, script="distill/pad.py",
+        defaults=DEFAULTS,
+    )  # fmt: skip
 
 
 def restore(
@@ -935,45 +882,6 @@ def restore(
     sampler.load_state_dict(checkpoint["expert_sampler"])
     for key, value in checkpoint["progress"].items():
         setattr(progress, key, value)
-
-
-class StopOnSignal:
-    """Turns the first SIGINT/SIGTERM into a request to stop after the current iteration.
-
-    The old handlers come back after the first signal, so a second one acts at once.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self.previous: dict[int, object] = {}
-
-    def __enter__(self) -> StopOnSignal:
-        if threading.current_thread() is threading.main_thread():  # signal() works only there
-            self.previous = {sig: signal.signal(sig, self.handle) for sig in self.SIGNALS}
-        return self
-
-    def handle(self, signum: int, frame: object) -> None:
-        self.signum = signum
-        self.restore()
-        name = signal.Signals(signum).name
-        tqdm.write(f"{name}: stopping after this iteration (again to stop at once)", sys.stderr)
-
-    def agreed(self, world: World, device: torch.device) -> bool:
-        """Whether a signal arrived on some rank (a plain run: on this process)."""
-        if world.any(self.signum is not None, device):
-            self.signum = self.signum or signal.SIGTERM
-            return True
-        return False
-
-    def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        self.previous = {}
-
-    def __exit__(self, *exc: object) -> None:
-        self.restore()
 
 
 def run(mask_name: str) -> None:

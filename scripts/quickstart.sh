@@ -7,34 +7,39 @@
 #                                                                # where Debian's package installs)
 #   bash scripts/quickstart.sh --dataset CIFAR10 --data_path DIR # CIFAR-10 (torchvision files or
 #                                                                # the ImageFolder copy in DIR)
-# Options: --out DIR (default runs/quickstart/<DATASET>), --device auto|cpu|cuda|cuda:N.
+#   bash scripts/quickstart.sh --method DM                       # distribution matching instead
+#                                                                # (DC, DSA: gradient matching)
+# Options: --out DIR (default runs/quickstart/<DATASET>, <DATASET>-<METHOD> for DC/DSA/DM),
+# --device auto|cpu|cuda|cuda:N, --method PAD|DC|DSA|DM (default PAD).
 # A rerun after an interruption reuses every finished stage and resumes the distillation.
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 fail() { echo "error: $*" >&2; exit 2; }
 
-dataset=FashionMNIST data_path="" out="" device=auto
+dataset=FashionMNIST data_path="" out="" device=auto method=PAD
 # value FLAG ARGS...: the value after FLAG, or one clear line when there is none.
 value() {
   local example=DIR
-  case "$1" in --dataset) example=CIFAR10 ;; --device) example=cpu ;; esac
+  case "$1" in --dataset) example=CIFAR10 ;; --device) example=cpu ;; --method) example=DM ;; esac
   [ $# -ge 2 ] && [ -n "$2" ] && [ "${2#--}" = "$2" ] || fail "$1 needs a value (e.g. $1 $example)"
   printf '%s' "$2"
 }
 while [ $# -gt 0 ]; do
   case "$1" in
-    --dataset|--data_path|--out|--device)
+    --dataset|--data_path|--out|--device|--method)
       v=$(value "$@") || exit 2
       case "$1" in
         --dataset) dataset=$v ;; --data_path) data_path=$v ;; --out) out=$v ;; --device) device=$v ;;
+        --method) method=$v ;;
       esac
       shift 2 ;;
     --dataset=*) dataset=${1#*=}; shift ;;
     --data_path=*) data_path=${1#*=}; shift ;;
     --out=*) out=${1#*=}; shift ;;
     --device=*) device=${1#*=}; shift ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
-    *) fail "unknown option $1 (expected --dataset, --data_path, --out, --device)" ;;
+    --method=*) method=${1#*=}; shift ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    *) fail "unknown option $1 (expected --dataset, --data_path, --out, --device, --method)" ;;
   esac
 done
 case "$dataset" in
@@ -42,7 +47,13 @@ case "$dataset" in
   CIFAR10) config=configs/cpu/quickstart_CIFAR10.yaml zca=(--zca) ;;
   *) fail "unknown data set '$dataset' for the quickstart: expected FashionMNIST or CIFAR10" ;;
 esac
-out=${out:-$REPO/runs/quickstart/$dataset}
+case "$method" in
+  PAD) suffix="" ;;
+  DC|DSA|DM) suffix="-$method" ;;
+  *) fail "unknown method '$method' for the quickstart: expected PAD, DC, DSA or DM" ;;
+esac
+out=${out:-$REPO/runs/quickstart/$dataset$suffix}
+[ "$method" = PAD ] || zca=()  # gradient and distribution matching use the plain images
 mkdir -p "$out" 2>/dev/null && [ -w "$out" ] \
   || fail "cannot write to the output folder '$out': choose another with --out DIR"
 out="$(cd "$out" && pwd)"
@@ -85,6 +96,17 @@ stage() {
   touch "$out/.done_$name"
 }
 
+if [ "$method" != PAD ]; then
+  # Gradient or distribution matching (docs/gm_dm.md): no experts; the distilled set has hard
+  # labels and is evaluated with the fixed rate lr_net 0.01, beside the same Random baseline.
+  entry=DC; [ "$method" = DM ] && entry=DM
+  run_dir="$out/logged_files/$dataset/1/ConvNetW32/quickstart/Normal"
+  stage distill "$PYTHON" "distill/$entry.py" \
+    --cfg "configs/cpu/gm_dm/FashionMNIST_IPC1_$method.yaml" --dataset "$dataset" \
+    --data_path "$data_path" --out_dir "$out/logged_files" --name quickstart \
+    --device "$device" --resume true
+  lr_args=(--lr_net 0.01)
+else
 stage scores "$PYTHON" buffer/rank_difficulty.py --dataset "$dataset" --data_path "$data_path" \
   --method GraNd --model ConvNetW32 --epochs 3 --repeat 1 --batch 128 --max_per_class 300 \
   --out "$out/data_indices" --device "$device" "${zca[@]}"
@@ -103,6 +125,8 @@ run_dir="$out/logged_files/$dataset/1/ConvNetW32/quickstart/Normal"
 stage distill "$PYTHON" distill/PAD_depth.py --cfg "$config" --data_path "$data_path" \
   --buffer_path "$out/buffer_storage" --out_dir "$out/logged_files" --name quickstart \
   --device "$device" --resume true
+lr_args=(--lr_dir "$run_dir/lr_best.pt")
+fi
 
 stage eval_random "$PYTHON" distill/evaluation.py --dataset "$dataset" --data_path "$data_path" \
   --model ConvNetW32 --random_ipc 1 --lr_net 0.01 --num_eval 5 --epoch_eval_train 300 \
@@ -110,22 +134,22 @@ stage eval_random "$PYTHON" distill/evaluation.py --dataset "$dataset" --data_pa
 
 stage eval_pad "$PYTHON" distill/evaluation.py --dataset "$dataset" --data_path "$data_path" \
   --model ConvNetW32 --data_dir "$run_dir/images_best.pt" --label_dir "$run_dir/labels_best.pt" \
-  --lr_dir "$run_dir/lr_best.pt" --num_eval 5 --epoch_eval_train 300 --batch_train 256 \
+  "${lr_args[@]}" --num_eval 5 --epoch_eval_train 300 --batch_train 256 \
   --out "$out/eval_pad.json" --device "$device" "${zca[@]}"
 
-"$PYTHON" - "$out" "$run_dir" <<'PY'
+"$PYTHON" - "$out" "$run_dir" "$method" <<'PY'
 import json
 import sys
 from pathlib import Path
 
-out, run_dir = Path(sys.argv[1]), Path(sys.argv[2])
+out, run_dir, method = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 def result(name):
     record = json.loads((out / f"eval_{name}.json").read_text())
     model = next(iter(record["models"].values()))
     return model["mean"], model["std"], len(model["accs"])
 print()
 print(f"{'set (IPC 1, ConvNetW32)':28s} {'test accuracy %':>18s}")
-for label, name in [("Random real images", "random"), ("PAD distilled", "pad")]:
+for label, name in [("Random real images", "random"), (f"{method} distilled", "pad")]:
     mean, std, n = result(name)
     print(f"{label:28s} {mean:10.2f} +- {std:4.2f}  ({n} networks)")
 print()

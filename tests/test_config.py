@@ -253,7 +253,9 @@ def test_no_unused_key_no_warning(tmp_path):
 
 
 def test_shipped_configs_load_without_warnings():
-    files = sorted((ROOT / "configs").rglob("*.yaml"))
+    # distill/DC.py's and DM.py's configs have their own tables (tests/test_condense.py)
+    condense = {"DC", "DM", "gm_dm"}
+    files = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name not in condense)
     assert len(files) >= 12
     for path in files:
         assert loaded_warnings(path)[1] == [], path

@@ -43,6 +43,16 @@ def fresh_network(
     return model.to(device)
 
 
+def copy_weights(source: nn.Module, target: nn.Module) -> None:
+    """target's parameters and buffers := source's, in place (same architecture): a compiled
+    network keeps its compiled code while taking each fresh network's weights."""
+    with torch.no_grad():
+        for mine, theirs in zip(target.parameters(), source.parameters(), strict=True):
+            mine.copy_(theirs)
+        for mine, theirs in zip(target.buffers(), source.buffers(), strict=True):
+            mine.copy_(theirs)
+
+
 def class_ipc(image_syn: Tensor, num_classes: int) -> int:
     """Images per class of a class-major synthetic set."""
     if len(image_syn) % num_classes:

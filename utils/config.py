@@ -216,6 +216,200 @@ KEYS: dict[str, Key] = {
 DEFAULTS: dict[str, Any] = {name: key.default for name, key in KEYS.items()}
 UNUSED_KEYS: tuple[str, ...] = tuple(name for name, key in KEYS.items() if key.group == COMPAT)
 
+# ---- the DC/DSA and DM tables (distill/DC.py, distill/DM.py) -----------------------------------
+
+
+def _condense_keys(method: str) -> dict[str, Key]:
+    """The table of distill/DC.py (method "DC") or distill/DM.py ("DM"): the original methods'
+    keys and defaults (docs/gm_dm.md#defaults), then PAD's two filters and ours."""
+    dc = method == "DC"
+    keys = [
+        Key("dataset", "CIFAR10", "str", KEYS["dataset"].help),
+        Key("subset", "imagenette", "str", KEYS["subset"].help),
+        Key("model", "ConvNet", "str", "architecture of the matching networks"),
+        Key("ipc", 1, "int", "synthetic images per class"),
+        Key(
+            "Iteration",
+            1000 if dc else 20000,
+            "int",
+            "distillation iterations (the loop runs it = 0..Iteration)",
+        ),
+        Key(
+            "lr_img",
+            0.1 if dc else 1.0,
+            "float",
+            "learning rate of the synthetic images (SGD, momentum 0.5)",
+        ),
+        Key(
+            "lr_net",
+            0.01,
+            "float",
+            ("SGD learning rate of the inner-loop network and " if dc else "")
+            + "learning rate of the evaluation networks",
+        ),
+        Key(
+            "batch_real",
+            256,
+            "int",
+            "real images per class and step (a larger value takes the whole class)",
+        ),
+        Key(
+            "batch_train",
+            256,
+            "int",
+            ("batch of the inner-loop training and " if dc else "")
+            + "batch of the evaluation networks' training",
+        ),
+        Key(
+            "init",
+            "noise" if dc else "real",
+            "str",
+            "initial images: noise (N(0, 1)) or real (random kept train images)",
+        ),
+        Key(
+            "dsa",
+            not dc,
+            "bool",
+            "DSA, one shared draw for a class's real and synthetic batch"
+            + (" (true: DSA, false: DC)" if dc else "")
+            + "; also in evaluation",
+        ),
+        Key(
+            "dsa_strategy",
+            "color_crop_cutout_flip_scale_rotate",
+            "str",
+            "the DSA operations, joined by '_' (digits: without flip)",
+        ),
+        Key("eval_mode", "S", "str", KEYS["eval_mode"].help),
+        Key("num_eval", 20, "int", "networks trained per pool model at each evaluation"),
+        Key(
+            "eval_it",
+            500 if dc else 2000,
+            "int",
+            "evaluate the synthetic set every eval_it iterations",
+        ),
+        Key(
+            "epoch_eval_train",
+            None if dc else 1000,
+            "int?",
+            "training epochs of each evaluation network"
+            + (" (null: 300, or 1000 with dsa)" if dc else ""),
+        ),
+        Key("data_path", "../dataset/", "str", "folder of the data set"),
+        Key("zca", False, "bool", "ZCA-whiten the real data (the original methods do not)"),
+    ]
+    if dc:
+        keys += [
+            Key(
+                "dis_metric",
+                "ours",
+                "str",
+                "gradient distance: ours (layer-wise, per output row), mse or cos",
+            ),
+            Key(
+                "outer_loop",
+                None,
+                "int?",
+                "image updates per iteration (null: the DC code's value for the ipc)",
+            ),
+            Key(
+                "inner_loop",
+                None,
+                "int?",
+                "network epochs on the synthetic set between image updates (null: by ipc)",
+            ),
+        ]
+    keys += [
+        Key(
+            "sort_method",
+            "",
+            "str",
+            "PAD filter 1: difficulty index file, a NAME under indices_path or a .pt path "
+            "(empty: none)",
+            OURS,
+        ),
+        Key(
+            "indices_path",
+            "data_indices",
+            "str",
+            "folder of the index files named by sort_method",
+            OURS,
+        ),
+        Key(
+            "remove_hard",
+            0.0,
+            "float",
+            "PAD filter 1: fraction of each class's hardest images never drawn",
+            OURS,
+        ),
+        Key(
+            "remove_easy",
+            0.0,
+            "float",
+            "PAD filter 1: fraction of each class's easiest images never drawn",
+            OURS,
+        ),
+        Key(
+            "depth_ratio",
+            0.0,
+            "float",
+            "PAD filter 2: fraction of the "
+            + ("flattened parameters" if dc else "multi-layer features")
+            + f", shallowest first, not matched (0: plain {method})",
+            OURS,
+        ),
+        Key("max_per_class", None, "int?", KEYS["max_per_class"].help, OURS),
+        Key(
+            "seed", 42, "int", "seed of every draw of the run (init, networks, batches, DSA)", OURS
+        ),
+        Key(
+            "checkpoint_it",
+            100 if dc else 500,
+            "int",
+            "write checkpoint.pt every checkpoint_it iterations and at the end",
+            OURS,
+        ),
+        Key("resume", False, "bool", KEYS["resume"].help, OURS),
+        Key("skip_first_eva", False, "bool", "no evaluation at iteration 0", OURS),
+        Key("eval_seed", 0, "int", KEYS["eval_seed"].help, OURS),
+        Key("amp", "off", "str", KEYS["amp"].help, OURS),
+        Key("force_save", False, "bool", KEYS["force_save"].help, OURS),
+        Key("wandb", "off", "str", KEYS["wandb"].help, OURS),
+        Key("project", "TEST", "str", KEYS["project"].help, OURS),
+        Key(
+            "name",
+            "RANDOM",
+            "str",
+            f"run name, the run folder's name (RANDOM: <dataset>-IPC<ipc>-{method}-s<seed>)",
+            OURS,
+        ),
+        Key("out_dir", "logged_files", "str", KEYS["out_dir"].help, OURS),
+        Key("device", "auto", "device", "auto, cpu, cuda or cuda:N (or a GPU id list)", OURS),
+    ]
+    if not dc:
+        keys += [
+            Key(
+                "embed_amp",
+                "off",
+                "str",
+                "precision of the embedding forward: off (float32) or bf16 autocast",
+                OURS,
+            ),
+            Key(
+                "channels_last",
+                False,
+                "bool",
+                "images and network in channels_last memory format",
+                OURS,
+            ),
+            Key("compile", False, "bool", "torch.compile the embedding network's forward", OURS),
+        ]
+    return {key.name: key for key in keys}
+
+
+DC_KEYS = _condense_keys("DC")  # fmt: skip
+DM_KEYS = _condense_keys("DM")
+
 
 def format_default(value: Any, none: str = "null") -> str:
     """A value as a user writes it: true/false, null (or `none`), [0], "" for an empty text."""
@@ -254,8 +448,8 @@ _UniqueKeyLoader.add_constructor(
 )
 
 
-def _suggest(key: str) -> str:
-    close = difflib.get_close_matches(key, KEYS, n=1)
+def _suggest(key: str, keys: dict[str, Key] = KEYS) -> str:
+    close = difflib.get_close_matches(key, keys, n=1)
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
@@ -290,11 +484,11 @@ def _convert(kind: str, value: Any) -> Any:
     return _INVALID
 
 
-def coerce(key: str, value: Any, origin: str) -> Any:
+def coerce(key: str, value: Any, origin: str, keys: dict[str, Key] = KEYS) -> Any:
     """Check `value` against the kind of `key`; return it converted (int->float, '1e-5'->float)."""
-    if key not in KEYS:
-        raise UserError(f"unknown config key {key!r} in {origin}{_suggest(key)}")
-    spec = KEYS[key]
+    if key not in keys:
+        raise UserError(f"unknown config key {key!r} in {origin}{_suggest(key, keys)}")
+    spec = keys[key]
     converted = _convert(spec.kind, value)
     if converted is not _INVALID:
         return converted
@@ -305,7 +499,7 @@ def coerce(key: str, value: Any, origin: str) -> Any:
     )
 
 
-def read_yaml_config(path: str | Path) -> dict[str, Any]:
+def read_yaml_config(path: str | Path, keys: dict[str, Key] = KEYS) -> dict[str, Any]:
     """Read a config file, refusing duplicate keys, unknown keys and wrong types."""
     path = Path(path)
     load_yaml(path, what="config file")  # clear errors for missing files and bad YAML first
@@ -318,13 +512,13 @@ def read_yaml_config(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(raw, dict):
         raise UserError(f"config file {path} must be a mapping of key: value lines")
-    return {key: coerce(key, value, str(path)) for key, value in raw.items()}
+    return {key: coerce(key, value, str(path), keys) for key, value in raw.items()}
 
 
 # ---- the command line --------------------------------------------------------------------------
 
 
-def parse_overrides(argv: list[str]) -> dict[str, Any]:
+def parse_overrides(argv: list[str], keys: dict[str, Key] = KEYS) -> dict[str, Any]:
     """`--key value` / `--key=value` pairs; values are read as YAML (lists, null, numbers)."""
     overrides: dict[str, Any] = {}
     i = 0
@@ -337,31 +531,31 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
             i += 1
         else:
             key = token[2:]
-            if key not in KEYS:
-                raise UserError(f"unknown option --{key}{_suggest(key)}")
+            if key not in keys:
+                raise UserError(f"unknown option --{key}{_suggest(key, keys)}")
             if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
-                if KEYS[key].kind == "bool":  # a bare boolean flag means true
+                if keys[key].kind == "bool":  # a bare boolean flag means true
                     overrides[key] = True
                     i += 1
                     continue
                 raise UserError(f"option --{key} needs a value")
             text = argv[i + 1]
             i += 2
-        if key not in KEYS:
-            raise UserError(f"unknown option --{key}{_suggest(key)}")
+        if key not in keys:
+            raise UserError(f"unknown option --{key}{_suggest(key, keys)}")
         try:
             value = yaml.safe_load(text) if text != "" else ""
         except yaml.YAMLError:
             value = text
-        if KEYS[key].kind == "str" and not isinstance(value, str):
+        if keys[key].kind == "str" and not isinstance(value, str):
             value = text  # names such as `--name 123` stay strings
-        overrides[key] = coerce(key, value, "the command line")
+        overrides[key] = coerce(key, value, "the command line", keys)
     return overrides
 
 
-def warn_unused(given: dict[str, Any]) -> None:
+def warn_unused(given: dict[str, Any], keys: dict[str, Key] = KEYS) -> None:
     """One warning naming the set keys that nothing reads (never for defaults)."""
-    names = [name for name in UNUSED_KEYS if name in given]
+    names = [name for name, key in keys.items() if key.group == COMPAT and name in given]
     if names:
         warnings.warn(
             f"config keys without effect in this implementation (kept from the authors' "
@@ -371,12 +565,15 @@ def warn_unused(given: dict[str, Any]) -> None:
         )
 
 
-def load_config(cfg_path: str | None, overrides: list[str] | None = None) -> SimpleNamespace:
-    """Defaults, then the YAML file, then the command-line overrides."""
-    given = read_yaml_config(cfg_path) if cfg_path else {}
-    given.update(parse_overrides(list(overrides or [])))
-    warn_unused(given)
-    return SimpleNamespace(**{**DEFAULTS, **given})
+def load_config(
+    cfg_path: str | None, overrides: list[str] | None = None, keys: dict[str, Key] = KEYS
+) -> SimpleNamespace:
+    """Defaults, then the YAML file, then the command-line overrides (`keys`: the script's
+    table, KEYS for PAD, DC_KEYS or DM_KEYS for distill/DC.py and distill/DM.py)."""
+    given = read_yaml_config(cfg_path, keys) if cfg_path else {}
+    given.update(parse_overrides(list(overrides or []), keys))
+    warn_unused(given, keys)
+    return SimpleNamespace(**{**{name: key.default for name, key in keys.items()}, **given})
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -410,7 +607,7 @@ CONFIG_EPILOG = (
 )
 
 
-def config_parser(description: str = "") -> argparse.ArgumentParser:
+def config_parser(description: str = "", keys: dict[str, Key] = KEYS) -> argparse.ArgumentParser:
     """The distillation's --help: --cfg and every key of the table, by group.
 
     The values themselves are parsed by `parse_overrides` (YAML-typed, with the errors above);
@@ -422,11 +619,11 @@ def config_parser(description: str = "") -> argparse.ArgumentParser:
         epilog=CONFIG_EPILOG,
         formatter_class=ConfigHelpFormatter,
     )
-    example = "configs/CIFAR-10/ConvIN/IPC10.yaml"
+    example = "configs/CIFAR-10/" + ("ConvIN" if keys is KEYS else "DM") + "/IPC10.yaml"
     parser.add_argument("--cfg", default=None, metavar="FILE", help=f"YAML file, e.g. {example}")
     for group, title in GROUP_TITLES.items():
         section = parser.add_argument_group(title)
-        for key in KEYS.values():
+        for key in keys.values():
             if key.group != group:
                 continue
             if key.kind == "bool":
@@ -438,16 +635,18 @@ def config_parser(description: str = "") -> argparse.ArgumentParser:
     return parser
 
 
-def parse_config_args(argv: list[str] | None, description: str = "") -> SimpleNamespace:
+def parse_config_args(
+    argv: list[str] | None, description: str = "", keys: dict[str, Key] = KEYS
+) -> SimpleNamespace:
     """Distillation scripts' command line: `--cfg file.yaml` plus `--key value` for any key."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--cfg", default=None)
     parser.add_argument("-h", "--help", action="store_true")
     args, rest = parser.parse_known_args(argv)
     if args.help:
-        config_parser(description).print_help()
+        config_parser(description, keys).print_help()
         sys.exit(0)
-    config = load_config(args.cfg, rest)
+    config = load_config(args.cfg, rest, keys)
     config.cfg = args.cfg
     return config
 
@@ -506,7 +705,33 @@ def config_markdown() -> str:
                 lines.append(f"| `{key.name}` | {kind} | `{format_default(key.default)}` | "
                              f"{meaning} |")  # fmt: skip
         lines.append("")
+    lines += _condense_markdown()
     return "\n".join(lines)
+
+
+def _condense_markdown() -> list[str]:
+    """The sections of docs/config.md for distill/DC.py and distill/DM.py."""
+    lines = []
+    for method, keys, what in (
+        ("DC", DC_KEYS, "gradient matching: DC, and DSA with `dsa: true`"),
+        ("DM", DM_KEYS, "distribution matching"),
+    ):
+        lines += [
+            f"## distill/{method}.py",
+            "",
+            f"`distill/{method}.py` ({what}, docs/gm_dm.md) reads its own table through the "
+            "same machinery: defaults < `--cfg` < `--key value`. The first group is the "
+            "original method's keys with its defaults; the rest are PAD's filters and ours.",
+            "",
+            "| key | type | default | meaning |",
+            "|---|---|---|---|",
+        ]
+        for key in keys.values():
+            meaning = key.help.replace("<", "&lt;").replace(">", "&gt;")
+            kind, default = KINDS[key.kind][0], format_default(key.default)
+            lines.append(f"| `{key.name}` | {kind} | `{default}` | {meaning} |")
+        lines.append("")
+    return lines
 
 
 if __name__ == "__main__":
