@@ -139,11 +139,14 @@ def rank_images(args: argparse.Namespace, held: contextlib.ExitStack) -> Path:
 
     config = scoring_config(args, data)
     partial = target.parent / f".{name}.partial"
-    remove_temporaries(partial, "repeat_*")  # writes a kill cut short
-    held.callback(remove_if_unused, partial)
+    my_repeats = range(rank, args.repeat, world)  # repeat k runs on rank k % world
+    for k in my_repeats:  # writes a kill cut short; another rank's files are its own business
+        remove_temporaries(partial, f"repeat_{k}-*")
+    if rank == 0:  # the others may still be writing when a rank > 0 ends
+        held.callback(remove_if_unused, partial)
     start = time.perf_counter()
-    mine = {}  # repeat k runs on rank k % world; a repeat's scores do not depend on the rank
-    for k in progress_bar(range(rank, args.repeat, world), desc="repeats"):
+    mine = {}  # a repeat's scores do not depend on the rank
+    for k in progress_bar(my_repeats, desc="repeats"):
         saved = partial_file(partial, k, config)
         mine[k] = scored_repeat(args, data, k, device, saved, config)
     repeats = {k: result for share in gather_objects(mine, world) for k, result in share.items()}
