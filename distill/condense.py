@@ -48,7 +48,7 @@ from utils.evaluate import eval_pool, evaluate_synset  # noqa: E402
 from utils.filters import check_filter, check_ipc_fits, check_ratio, class_pool  # noqa: E402
 from utils.gm import GMSettings, check_dis_metric, get_loops, gm_iteration  # noqa: E402
 from utils.guard import check_finite  # noqa: E402
-from utils.io import UserError, run_main, save_pt  # noqa: E402
+from utils.io import UserError, save_pt  # noqa: E402
 from utils.runs import StopOnSignal, evaluation_iterations, refuse_existing_run  # noqa: E402
 from utils.runtime import get_rng_state, resolve_device, seed_everything, set_rng_state  # noqa: E402
 from utils.synset import check_choice, hard_labels, noise_images, real_image_indices  # noqa: E402
@@ -440,9 +440,7 @@ def restore(
     generator: torch.Generator,
     progress: Progress,
 ) -> None:
-    lr = optimizer.param_groups[0]["lr"]  # this command line's rate wins over the saved one
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    optimizer.param_groups[0]["lr"] = lr
+    runs.restore_optimizer(optimizer, checkpoint["optimizer"])
     set_rng_state(checkpoint["rng"]["global"])
     generator.set_state(checkpoint["rng"]["generator"])
     for key, value in checkpoint["progress"].items():
@@ -451,10 +449,4 @@ def restore(
 
 def run(method: str) -> None:
     """Entry point of DC.py / DM.py: exit 2 on a UserError, 128 + signal if stopped."""
-
-    def main_with_status(argv: list[str]) -> None:
-        summary = main(method, argv)
-        if summary["stopped_by"] is not None:
-            sys.exit(128 + summary["stopped_by"])
-
-    run_main(main_with_status, lambda: sys.argv[1:])
+    runs.run_entry(main, method)

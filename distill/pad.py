@@ -59,7 +59,6 @@ from utils.guard import SkipCounter, check_bound, check_finite, trailing_skips  
 from utils.io import (  # noqa: E402
     UserError,
     prepare_output_dir,
-    run_main,
     save_json,
     save_pt,
 )
@@ -157,12 +156,7 @@ def distill(mask_name: str, argv: list[str] | None, held: contextlib.ExitStack) 
     files = list_expert_files(folder)
     if not files:
         raise UserError(no_experts_message(cfg, folder))
-    prepare_output_dir(run_dir, "--out_dir")
-    # docs/formats.md#locks: one process per run folder, before its files are read or written
-    held.enter_context(hold_lock(lock_path(run_dir, rank_and_world()[0]), f"run folder {run_dir}"))
-    checkpoint = read_checkpoint(run_dir, cfg, mask.name) if cfg.resume else None
-    if not cfg.resume:
-        refuse_existing_run(run_dir)
+    checkpoint = claim_run_folder(cfg, run_dir, mask.name, held)
     device = rank_device(cfg.device, rank_and_world()[1])
     step_options = make_step_options(cfg.amp, cfg.channels_last, cfg.compile, device)
     eval_speed = evaluation_speed(cfg, device)  # checked once, before the set-up
@@ -173,11 +167,7 @@ def distill(mask_name: str, argv: list[str] | None, held: contextlib.ExitStack) 
     generators = purpose_generators(cfg.seed)
     data, indices_class = load_data(cfg)
     student, sampler = open_experts(cfg, files, data, device)
-    memory = choose_memory(
-        cfg.memory, cfg.memory_budget_gb, student, inner_steps, cfg.ipc * data.num_classes,
-        data.num_classes, (data.channel, *data.im_size), device, step_options,
-        cfg.hybrid_kept_steps,
-    )  # fmt: skip
+    memory = run_memory(cfg, student, inner_steps, data, device, step_options)
     matcher = Matcher(world.student(student), sampler, schedule, inner_steps, mask, generators,
                       memory, step_options)  # fmt: skip
     eval_its = evaluation_iterations(cfg)
@@ -224,12 +214,8 @@ def distill(mask_name: str, argv: list[str] | None, held: contextlib.ExitStack) 
     plot_loss(run)
     report(run, stop.signum)
     world.close()
-    return {
-        "run_dir": run_dir,
-        "best": progress.best,
-        "stopped_by": stop.signum,
-        "next_iteration": progress.next_iteration,
-    }
+    return {"run_dir": run_dir, "best": progress.best, "stopped_by": stop.signum,
+            "next_iteration": progress.next_iteration}  # fmt: skip
 
 
 # ---- state of a run ----------------------------------------------------------------------------
@@ -360,6 +346,33 @@ def evaluation_speed(cfg: SimpleNamespace, device: torch.device) -> dict:
         "amp": resolve_amp(amp, device, "eval_amp"),
         "compile": resolve_compile(cfg.eval_compile, device, "eval_compile"),
     }
+
+
+def claim_run_folder(
+    cfg: SimpleNamespace, run_dir: Path, mask: str, held: contextlib.ExitStack
+) -> dict | None:
+    """The run folder checked, created and locked before any compute; its checkpoint with
+    --resume true (None: start from iteration 0), else a refusal if it holds another run."""
+    prepare_output_dir(run_dir, "--out_dir")
+    # docs/formats.md#locks: one process per run folder, before its files are read or written
+    held.enter_context(hold_lock(lock_path(run_dir, rank_and_world()[0]), f"run folder {run_dir}"))
+    if cfg.resume:
+        return read_checkpoint(run_dir, cfg, mask)
+    refuse_existing_run(run_dir)
+    return None
+
+
+def run_memory(
+    cfg: SimpleNamespace, student: Student, inner_steps: InnerSteps, data: Data,
+    device: torch.device, step_options: StepOptions,
+) -> MemoryChoice:  # fmt: skip
+    """memory auto resolved once for the run
+    (docs/algorithms.md#memory-modes-graph-recompute-hybrid-and-auto)."""
+    return choose_memory(
+        cfg.memory, cfg.memory_budget_gb, student, inner_steps, cfg.ipc * data.num_classes,
+        data.num_classes, (data.channel, *data.im_size), device, step_options,
+        cfg.hybrid_kept_steps,
+    )  # fmt: skip
 
 
 def no_experts_message(cfg: SimpleNamespace, folder: Path) -> str:
@@ -873,9 +886,7 @@ def restore(
     progress: Progress,
 ) -> None:
     for name, optimizer in optimizers.items():
-        lr = optimizer.param_groups[0]["lr"]  # this command line's rate wins over the saved one
-        optimizer.load_state_dict(checkpoint["optimizers"][name])
-        optimizer.param_groups[0]["lr"] = lr
+        runs.restore_optimizer(optimizer, checkpoint["optimizers"][name])
     set_rng_state(checkpoint["rng"]["global"])
     for name, generator in generators.items():
         generator.set_state(checkpoint["rng"]["generators"][name])
@@ -886,10 +897,4 @@ def restore(
 
 def run(mask_name: str) -> None:
     """Entry point of PAD_depth.py / PAD_loss.py: exit 2 on a UserError, 128 + signal if stopped."""
-
-    def main_with_status(argv: list[str]) -> None:
-        summary = main(mask_name, argv)
-        if summary["stopped_by"] is not None:
-            sys.exit(128 + summary["stopped_by"])
-
-    run_main(main_with_status, lambda: sys.argv[1:])
+    runs.run_entry(main, mask_name)

@@ -373,10 +373,8 @@ def _match_graph(
     # docs/algorithms.md#one-iteration step 4: every step's graph is kept (create_graph)
     # for one backward pass.
     w = w_start.clone().requires_grad_(True)
-    for idx, aug, weight in zip(plan.batches, plan.aug, plan.step_weights(), strict=True):
-        loss_i = step_loss(student, w, image_syn[idx], label_syn[idx], aug, options, weight)
-        (g,) = torch.autograd.grad(loss_i, w, create_graph=True)
-        w = w - syn_lr * g
+    steps = zip(plan.batches, plan.aug, plan.step_weights(), strict=True)
+    w = _steps_with_graphs(student, w, image_syn, label_syn, syn_lr, steps, options)
     loss = matching_loss(w, w_start, target, mask)
     if _skip(loss, threshold):
         return MatchResult(loss.item(), skipped=True)
@@ -384,6 +382,16 @@ def _match_graph(
     if inputs:
         torch.autograd.backward(loss, inputs=inputs)
     return MatchResult(loss.item(), skipped=False)
+
+
+def _steps_with_graphs(student, w, image_syn, label_syn, syn_lr, steps, options) -> Tensor:
+    """w after the inner steps `steps` ((batch, aug, weight) each), every step's graph kept
+    (create_graph) for the backward through them."""
+    for idx, aug, weight in steps:
+        loss_i = step_loss(student, w, image_syn[idx], label_syn[idx], aug, options, weight)
+        (g,) = torch.autograd.grad(loss_i, w, create_graph=True)
+        w = w - syn_lr * g
+    return w
 
 
 def _match_recompute(
@@ -499,14 +507,8 @@ def _match_hybrid(
         with torch.no_grad():
             w = ws[i] - lr * g
     w_kept = w.detach().clone().requires_grad_(True)  # w_{N-K}: where the kept graphs start
-    w = w_kept
-    kept_plan = zip(
-        plan.batches[recomputed:], plan.aug[recomputed:], weights[recomputed:], strict=True
-    )
-    for idx, aug, weight in kept_plan:
-        loss_i = step_loss(student, w, image_syn[idx], label_syn[idx], aug, options, weight)
-        (g,) = torch.autograd.grad(loss_i, w, create_graph=True)
-        w = w - syn_lr * g
+    last = zip(plan.batches[recomputed:], plan.aug[recomputed:], weights[recomputed:], strict=True)
+    w = _steps_with_graphs(student, w_kept, image_syn, label_syn, syn_lr, last, options)
     loss = matching_loss(w, w_start, target, mask)
     if _skip(loss, threshold):
         return MatchResult(loss.item(), skipped=True)

@@ -20,12 +20,14 @@ import json
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
+import torch
 from tqdm import tqdm
 
-from utils.io import UserError, atomic_write, load_pt
+from utils.io import UserError, atomic_write, load_pt, run_main
 from utils.tracking import MetricsLog
 
 
@@ -97,6 +99,26 @@ def rerun_advice(run_dir: Path, cfg: SimpleNamespace, *keys: str) -> str:
     checkpoint = run_dir / "checkpoint.pt"
     start = f"from {checkpoint}" if checkpoint.exists() else "from iteration 0: no checkpoint yet"
     return f"nothing of it was saved; rerun with --resume true ({start}) and a lower {lower}"
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """The optimizer's saved state, but this command line's learning rate (a resume with a lower
+    rate after a divergence is the advice the guard gives)."""
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.load_state_dict(state)
+    optimizer.param_groups[0]["lr"] = lr
+
+
+def run_entry(main: Callable[[str, list[str]], dict], choice: str) -> None:
+    """A distillation script's entry point: `main(choice, argv)` under run_main (a UserError is
+    one line and exit 2), then exit 128 + signal if a signal stopped the run."""
+
+    def main_with_status(argv: list[str]) -> None:
+        summary = main(choice, argv)
+        if summary["stopped_by"] is not None:
+            sys.exit(128 + summary["stopped_by"])
+
+    run_main(main_with_status, lambda: sys.argv[1:])
 
 
 def stopped_message(signum: int, last_iteration: int, run_dir: Path) -> str:
