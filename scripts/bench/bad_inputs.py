@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -69,10 +70,17 @@ def run(command: list, work: Path, env: dict | None = None) -> subprocess.Comple
                           env={**environment, **(env or {})})  # fmt: skip
 
 
+PROGRESS_LINE = re.compile(r": \d+/\d+ \(\d+(\.\d+)?%\) .*elapsed ")
+
+
 def verdict(case: Case, done: subprocess.CompletedProcess) -> tuple[bool, str, str]:
     """(passed, verdict, the line to show)."""
     err = done.stderr.strip()
-    lines = [line for line in err.splitlines() if not line.startswith("warning: ")]
+    # warnings and the progress lines of a log (utils/progress.py) are not the error
+    lines = [
+        line for line in err.splitlines()
+        if not line.startswith("warning: ") and not PROGRESS_LINE.search(line)
+    ]  # fmt: skip
     shown = lines[-1] if lines else err.splitlines()[-1] if err else done.stdout.strip()[-120:]
     if "Traceback (most recent call last)" in err:
         return False, "traceback", shown
