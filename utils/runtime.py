@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import warnings
@@ -12,6 +13,11 @@ import numpy as np
 import torch
 
 from utils.io import UserError
+
+# torch.compile on the CPU with a CUDA build of torch logs "No CUDA runtime is found, using
+# CUDA_HOME=..." once per process: it concerns CUDA extensions, which compiling for the CPU does not
+# build, and it would be the only line on stderr of a run besides its errors and progress.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 AMP_MODES = ("off", "bf16")  # --amp: float32, or bfloat16 autocast in the forward passes
 
