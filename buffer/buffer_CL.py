@@ -31,8 +31,6 @@ import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
-import shutil  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -44,6 +42,7 @@ from torch import Tensor, nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from utils.augment import DSA_STRATEGY, augment  # noqa: E402
+from utils.compiled import compiler_candidates, cxx_compiler  # noqa: E402
 from utils.config import HelpFormatter, add_bool_flag  # noqa: E402
 from utils.data import Data, check_dataset_name, get_dataset  # noqa: E402
 from utils.difficulty import (  # noqa: E402
@@ -406,11 +405,10 @@ def divergence_advice(args: argparse.Namespace, folder: Path) -> str:
 
 def check_compiler(device: torch.device) -> None:
     """--compile on CPU builds C++ kernels: say so before training instead of failing mid-run."""
-    candidates = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "clang++"]
-    if device.type == "cpu" and not any(shutil.which(c) for c in candidates):
+    if device.type == "cpu" and cxx_compiler() is None:
         raise UserError(
-            f"--compile true on CPU needs a C++ compiler ({' or '.join(candidates)} not found): "
-            "install one (e.g. apt-get install g++) or use --compile false"
+            f"--compile true on CPU needs a C++ compiler ({' or '.join(compiler_candidates())} "
+            "not found): install one (e.g. apt-get install g++) or use --compile false"
         )
 
 

@@ -806,10 +806,14 @@ def guard_synset(run: Run, it: int, syn: SynSet) -> None:
         ("soft labels", syn.label_syn),
         ("learned syn_lr", syn.syn_lr),
     ):
-        advice = fix(run, SETTING_OF[name])
-        check_finite(STAGE, f"iteration {it}", advice, **{name.replace(" ", "_"): tensor})
+
+        def advice(name: str = name) -> str:  # formatted only if the check fails
+            return fix(run, SETTING_OF[name])
+
+        checked = {name.replace(" ", "_"): tensor}
+        check_finite(STAGE, f"iteration {it}", advice, **checked)
         if name != "learned syn_lr":
-            check_bound(STAGE, f"iteration {it}", advice, BOUND, **{name.replace(" ", "_"): tensor})
+            check_bound(STAGE, f"iteration {it}", advice, BOUND, **checked)
 
 
 def check_expert_segment(sampler: ExpertSampler, start: int, w_start: Tensor, target: Tensor):

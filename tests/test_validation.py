@@ -141,12 +141,8 @@ def world(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def cache_and_threads(world, monkeypatch):
+def cache_dir(world, monkeypatch, one_thread):
     monkeypatch.setenv("PAD_CACHE_DIR", str(world / "cache"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_experts(buffer, max_per_class):

@@ -41,10 +41,14 @@ _FORWARDS: dict[tuple, Forward] = {}
 _FAILED: set[tuple] = set()
 
 
+def compiler_candidates() -> list[str]:
+    """The C++ compilers torch.compile may use on the CPU: $CXX if set, else g++ and clang++."""
+    return [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "clang++"]
+
+
 def cxx_compiler() -> str | None:
-    """The C++ compiler inductor would use on the CPU ($CXX, g++ or clang++), or None."""
-    candidates = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "clang++"]
-    return next((c for c in candidates if shutil.which(c)), None)
+    """The first of `compiler_candidates` on PATH, or None."""
+    return next((c for c in compiler_candidates() if shutil.which(c)), None)
 
 
 def can_compile(device: torch.device) -> bool:

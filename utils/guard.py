@@ -24,7 +24,7 @@ epoch, not inside an inner loop.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -51,12 +51,16 @@ def _describe(label: str, value: Checked) -> str:
     return f"{bad} of {total} values of the {label} are NaN or inf"
 
 
-def diverged(stage: str, where: str, what: str, advice: str) -> UserError:
+Advice = str | Callable[[], str]  # a callable is asked only when the check fails
+
+
+def diverged(stage: str, where: str, what: str, advice: Advice) -> UserError:
     """The one-line error of a divergence: `<stage> diverged at <where>: <what>; <advice>`."""
-    return UserError(f"{stage} diverged at {where}: {what}; {advice}")
+    text = advice() if callable(advice) else advice
+    return UserError(f"{stage} diverged at {where}: {what}; {text}")
 
 
-def check_finite(stage: str, where: str, advice: str, **values: Checked) -> None:
+def check_finite(stage: str, where: str, advice: Advice, **values: Checked) -> None:
     """UserError naming the first of `values` (floats, tensors or lists of tensors) that holds
     NaN or inf."""
     for name, value in values.items():
@@ -69,7 +73,7 @@ def check_finite(stage: str, where: str, advice: str, **values: Checked) -> None
             raise diverged(stage, where, _describe(label, value), advice)
 
 
-def check_bound(stage: str, where: str, advice: str, bound: float, **values: Checked) -> None:
+def check_bound(stage: str, where: str, advice: Advice, bound: float, **values: Checked) -> None:
     """UserError naming the first of `values` with an entry of magnitude above `bound` (NaN and
     inf count as above it)."""
     for name, value in values.items():
